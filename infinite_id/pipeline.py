@@ -1,0 +1,334 @@
+"""InfiniteIDPipeline: SDXL with an identity stream beside the text stream (DESIGN 2.4).
+
+One UNet call per step carries both streams. With classifier-free guidance the batch of each step is laid out
+``[text_uncond, id_uncond, text_cond, id_cond]`` (blocks of one row per image): each ID row mixes with the text row
+of the same polarity; the unconditional ID row gets the null identity and the negative prompt. CFG is applied per
+stream, and each stream has its own scheduler instance, created per call, so calls never share scheduler state.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .attention import IDCall, check_installed, install_id_processors
+from .id_encoder import IdentityFeatures
+from .ops import average_identity
+
+METHODS = ("infinite-id", "adapter", "text")
+
+
+@dataclass
+class InfiniteIDPipelineOutput(BaseOutput):
+    """``images``: the output (ID stream; the only stream for ``adapter``/``text``).
+    ``text_images``: the text stream of ``infinite-id`` (the same seed without identity), else None."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    text_images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Which batch rows hold which stream: rows are polarity-major, stream-minor, ``batch`` rows per block."""
+
+    streams: tuple[str, ...]  # ("text", "id"), ("id",) or ("text",)
+    polarities: tuple[str, ...]  # ("uncond", "cond") with CFG, ("cond",) without
+    batch: int
+
+    def rows(self, stream: str, device) -> torch.Tensor:
+        s = self.streams.index(stream)
+        idx = [(p * len(self.streams) + s) * self.batch + b for p in range(len(self.polarities)) for b in range(self.batch)]
+        return torch.tensor(idx, dtype=torch.long, device=device)
+
+    def per_row(self, by_polarity: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Lay out a per-image tensor given for each polarity over all rows."""
+        return torch.cat([by_polarity[p] for p in self.polarities for _ in self.streams])
+
+
+class InfiniteIDPipeline(StableDiffusionXLPipeline):
+    """SDXL with Infinite-ID's identity stream. See DESIGN 4 for the call contract."""
+
+    _optional_components = [*StableDiffusionXLPipeline._optional_components, "id_encoder"]
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        tokenizer,
+        tokenizer_2,
+        unet,
+        scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+        id_encoder=None,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = False,
+        face_analyzer=None,
+    ):
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=add_watermarker,
+        )
+        self.register_modules(id_encoder=id_encoder)
+        # Not a diffusers component (it is onnxruntime, not torch), so it is a plain attribute.
+        self.face_analyzer = face_analyzer
+        self._vae_upcast_lock = threading.Lock()
+        install_id_processors(unet)
+
+    # ------------------------------------------------------------------ identity
+    @torch.no_grad()
+    def encode_identity(self, id_image) -> IdentityFeatures:
+        """Photo(s) of one person -> raw identity features, averaged over the photos.
+
+        ``id_image``: a photo (anything ``load_image`` takes), a face already picked from ``face_analyzer``
+        (a FaceResult), or a list of those, all of the *same* person. Pass the result as ``id_embeds`` to reuse it.
+        """
+        encoder = self._require_encoder()
+        photos = list(id_image) if isinstance(id_image, list | tuple) else [id_image]
+        if not photos:
+            raise ValueError("id_image is an empty list; give at least one photo of the person.")
+        faces = [self._face(p) for p in photos] if encoder.needs_face or self.face_analyzer is not None else None
+        face = clip = None
+        device = self._execution_device
+        if encoder.needs_face:
+            embeds = torch.stack([torch.as_tensor(np.asarray(f.embedding), dtype=torch.float32) for f in faces])
+            face = average_identity(embeds, normalize=True)[None].to(device)
+        if encoder.needs_clip:
+            if self.image_encoder is None or self.feature_extractor is None:
+                raise ValueError("This identity encoder needs a CLIP image encoder; the pipeline has none loaded.")
+            crops = [f.clip_crop for f in faces] if faces is not None else [self._as_rgb(p) for p in photos]
+            pixels = self.feature_extractor(images=crops, return_tensors="pt").pixel_values
+            pixels = pixels.to(device=device, dtype=self.image_encoder.dtype)
+            hidden = self.image_encoder(pixels, output_hidden_states=True).hidden_states[encoder.clip_layer]
+            clip = average_identity(hidden, normalize=False)[None]
+        return IdentityFeatures(face=face, clip=clip)
+
+    def _face(self, photo):
+        if hasattr(photo, "embedding") and hasattr(photo, "clip_crop"):
+            return photo  # an already-analysed face (the "pick a face" path)
+        if self.face_analyzer is None:
+            raise ValueError(
+                "This pipeline has no face analyzer, so it cannot read a photo. Set pipe.face_analyzer, or pass "
+                "precomputed id_embeds."
+            )
+        return self.face_analyzer.analyze(photo)[0]  # largest face; analyze raises a clear error when there is none
+
+    @staticmethod
+    def _as_rgb(photo):
+        from .images import load_image
+
+        return load_image(photo)
+
+    def _require_encoder(self):
+        if self.id_encoder is None:
+            raise ValueError("This pipeline has no identity encoder loaded; only method='text' can run.")
+        return self.id_encoder
+
+    def _id_tokens(self, id_image, id_embeds, batch: int, images_per_prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Identity tokens ``[batch, N, D]`` for the conditional rows, and the null identity of the same shape."""
+        encoder = self._require_encoder()
+        if id_embeds is None:
+            if id_image is None:
+                raise ValueError("This method needs the person's photo: pass id_image (or precomputed id_embeds).")
+            id_embeds = self.encode_identity(id_image)
+        with torch.no_grad():
+            tokens = encoder(id_embeds) if isinstance(id_embeds, IdentityFeatures) else id_embeds
+            tokens = tokens[None] if tokens.ndim == 2 else tokens
+            tokens = tokens.to(self._execution_device, self.unet.dtype)
+            prompts = batch // images_per_prompt
+            if tokens.shape[0] == prompts and prompts != batch:
+                tokens = tokens.repeat_interleave(images_per_prompt, dim=0)
+            elif tokens.shape[0] == 1:
+                tokens = tokens.expand(batch, -1, -1)
+            if tokens.shape[0] != batch:
+                raise ValueError(f"Got identity tokens for {tokens.shape[0]} images but the call makes {batch}.")
+            null = encoder.null_tokens(1).to(tokens.dtype)
+            if tokens.shape[1] % null.shape[1]:
+                raise ValueError(
+                    f"Identity tokens have {tokens.shape[1]} tokens, not a multiple of the encoder's {null.shape[1]}."
+                )
+            # Several stacked people get a null identity per person, so both CFG rows have the same token count.
+            null = null.repeat(1, tokens.shape[1] // null.shape[1], 1).expand(batch, -1, -1)
+        return tokens, null
+
+    # ------------------------------------------------------------------ call
+    @staticmethod
+    def _check_args(method, id_scale, semantic_scale, style_strength, mix_window, height, width, steps, images):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
+        for name, value in (("id_scale", id_scale), ("semantic_scale", semantic_scale), ("style_strength", style_strength)):
+            if not np.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value}.")
+        start, end = mix_window
+        if not 0.0 <= start <= end <= 1.0:
+            raise ValueError(f"mix_window must be (start, end) with 0 <= start <= end <= 1, got {mix_window}.")
+        if height % 8 or width % 8 or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}.")
+        if steps < 1 or images < 1:
+            raise ValueError("num_inference_steps and num_images_per_prompt must be at least 1.")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        id_image=None,
+        id_embeds: IdentityFeatures | torch.Tensor | None = None,
+        negative_prompt: str | list[str] | None = None,
+        method: str = "infinite-id",
+        id_scale: float = 1.0,
+        semantic_scale: float = 1.0,
+        style_strength: float = 1.0,
+        mix_window: tuple[float, float] = (0.0, 1.0),
+        num_inference_steps: int = 30,
+        guidance_scale: float = 5.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        return_dict: bool = True,
+        mix_layers: tuple[str, ...] | None = None,
+        adain_cross: bool = False,
+        timesteps: list[int] | None = None,
+    ):
+        """Generate images of the person in ``id_image`` following ``prompt``.
+
+        Steps: 1 check inputs, 2 encode the prompt, 3 encode the identity, 4 timesteps, 5 one initial latent per
+        image shared by both streams, 6 SDXL added conditions, 7 denoise, 8 decode.
+        ``mix_layers``: name prefixes of the self-attention layers that mix (None: all); ``adain_cross``: AdaIN-mean
+        on the cross-attention image keys/values too (off in the paper's behaviour).
+        """
+        # 1. Check inputs.
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        self._check_args(
+            method, id_scale, semantic_scale, style_strength, mix_window, height, width, num_inference_steps,
+            num_images_per_prompt,
+        )
+        check_installed(self.unet)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(prompts) * num_images_per_prompt
+        device = self._execution_device
+        cfg = guidance_scale > 1.0
+        streams = {"infinite-id": ("text", "id"), "adapter": ("id",), "text": ("text",)}[method]
+        layout = _Layout(streams, ("uncond", "cond") if cfg else ("cond",), batch)
+
+        # 2. Prompt embeddings (the unconditional rows of both streams use the negative prompt).
+        embeds, neg_embeds, pooled, neg_pooled = self.encode_prompt(
+            prompts, device=device, num_images_per_prompt=num_images_per_prompt, do_classifier_free_guidance=cfg,
+            negative_prompt=negative_prompt,
+        )
+        prompt_rows = layout.per_row({"uncond": neg_embeds, "cond": embeds})
+        pooled_rows = layout.per_row({"uncond": neg_pooled, "cond": pooled})
+        time_ids = self._get_add_time_ids(
+            (height, width), (0, 0), (height, width), dtype=embeds.dtype,
+            text_encoder_projection_dim=self.text_encoder_2.config.projection_dim,
+        ).to(device).repeat(prompt_rows.shape[0], 1)
+
+        # 3. Identity tokens for the ID rows: the null identity on unconditional rows.
+        id_rows = text_rows = row_tokens = None
+        if "id" in streams:
+            cond_tokens, null_tokens = self._id_tokens(id_image, id_embeds, batch, num_images_per_prompt)
+            row_tokens = torch.cat([null_tokens, cond_tokens] if cfg else [cond_tokens])
+            id_rows = layout.rows("id", device)
+            text_rows = layout.rows("text", device) if "text" in streams else None
+
+        # 4. Timesteps: every stream gets its own fresh scheduler, so no call touches self.scheduler's state.
+        schedulers = {s: self._fresh_scheduler() for s in streams}
+        for s in streams:
+            ts, num_inference_steps = retrieve_timesteps(schedulers[s], num_inference_steps, device, timesteps)
+
+        # 5. One initial latent per image, shared by both streams.
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
+        latents = latents.to(device, embeds.dtype) * schedulers[streams[0]].init_noise_sigma
+        x = {s: latents.clone() for s in streams}
+
+        # 6 & 7. Denoise: one UNet call per step carries every stream and polarity.
+        start, end = mix_window
+        for i, t in enumerate(ts):
+            call = None
+            if id_rows is not None:
+                call = IDCall(
+                    id_rows=id_rows, id_tokens=row_tokens, text_rows=text_rows, id_scale=id_scale,
+                    semantic_scale=semantic_scale, style_strength=style_strength,
+                    mixing=start * num_inference_steps <= i < end * num_inference_steps,
+                    mix_layers=mix_layers, adain_cross=adain_cross,
+                )
+            scaled = torch.cat([schedulers[s].scale_model_input(x[s], t) for s in streams])
+            model_in = torch.cat([scaled] * len(layout.polarities))
+            noise = self.unet(
+                model_in, t, encoder_hidden_states=prompt_rows,
+                cross_attention_kwargs=None if call is None else {"id_call": call},
+                added_cond_kwargs={"text_embeds": pooled_rows, "time_ids": time_ids}, return_dict=False,
+            )[0]
+            noise = noise.view(len(layout.polarities), len(streams), batch, *noise.shape[1:])
+            guided = noise[-1] if not cfg else noise[0] + guidance_scale * (noise[1] - noise[0])
+            for j, s in enumerate(streams):
+                x[s] = schedulers[s].step(guided[j], t, x[s], return_dict=False)[0]
+
+            if callback_on_step_end is not None:
+                out_stream = "id" if "id" in streams else "text"
+                values = {"latents": x[out_stream], "text_latents": x.get("text")}
+                callback_kwargs = {k: values[k] for k in callback_on_step_end_tensor_inputs if k in values}
+                result = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                if "latents" in result:
+                    x[out_stream] = result["latents"]
+
+        # 8. Decode.
+        main = x["id" if "id" in streams else "text"]
+        images = self._decode(main, output_type)
+        text_images = self._decode(x["text"], output_type) if method == "infinite-id" else None
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, text_images
+        return InfiniteIDPipelineOutput(images=images, text_images=text_images)
+
+    def _fresh_scheduler(self):
+        return copy.deepcopy(self.scheduler)
+
+    def _decode(self, latents: torch.Tensor, output_type: str):
+        if output_type == "latent":
+            return latents
+        vae = self.vae
+        if vae.config.get("latents_mean") is not None and vae.config.get("latents_std") is not None:
+            mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        if vae.dtype == torch.float16 and vae.config.force_upcast:
+            # The original SDXL VAE overflows in fp16. Upcasting changes a shared module, so one call at a time.
+            with self._vae_upcast_lock:
+                vae.to(torch.float32)
+                try:
+                    image = vae.decode(latents.float(), return_dict=False)[0]
+                finally:
+                    vae.to(torch.float16)
+        else:
+            image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return self.image_processor.postprocess(image, output_type=output_type)

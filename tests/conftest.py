@@ -1,0 +1,44 @@
+"""Shared fixtures: one tiny real pipeline per test session (built offline in well under a second)."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from infinite_id.id_encoder import IdentityFeatures  # noqa: E402
+from infinite_id.testing import tiny_pipeline  # noqa: E402
+
+STEPS = 4
+SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def pipe():
+    return tiny_pipeline(seed=0)
+
+
+def random_identity(seed: int, clip_tokens: int = 17, clip_dim: int = 32) -> IdentityFeatures:
+    g = torch.Generator().manual_seed(seed)
+    face = torch.nn.functional.normalize(torch.randn(1, 512, generator=g), dim=-1)
+    return IdentityFeatures(face=face, clip=torch.randn(1, clip_tokens, clip_dim, generator=g))
+
+
+@pytest.fixture(scope="session")
+def identity():
+    return random_identity(1)
+
+
+def generate(pipe, seed=0, prompt="a photo of a woman in times square", **kwargs):
+    """One tiny call returning latents (output_type='latent'), so comparisons are not blurred by uint8 rounding."""
+    kwargs.setdefault("num_inference_steps", STEPS)
+    kwargs.setdefault("height", SIZE)
+    kwargs.setdefault("width", SIZE)
+    kwargs.setdefault("output_type", "latent")
+    if "generator" not in kwargs:
+        kwargs["generator"] = torch.Generator().manual_seed(seed)
+    return pipe(prompt, **kwargs)
