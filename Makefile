@@ -22,6 +22,7 @@ run: $(VENV)/.installed-runtime
 	$(PY) app.py $(ARGS)
 
 test: $(VENV)/.installed-dev
+	$(PY) -m ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
