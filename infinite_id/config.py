@@ -38,7 +38,62 @@ class FaceSettings:
     root: str = field(default_factory=lambda: os.environ.get("INFINITE_ID_FACE_ROOT", os.path.expanduser("~/.insightface")))
     det_sizes: tuple[int, ...] = (640, 480, 320)  # multi-scale retry: 640 first, then smaller
     min_det_score: float = 0.5
+    floor_det_score: float = 0.3  # below this a detection is noise ("no face"); up to min_det_score, "unclear face"
     min_face_px: int = 48  # shorter side of the face box, in pixels of the uploaded photo
+    pad_fraction: float = 0.5  # padding retry: a black border this fraction of the longer side, on every side
+    clip_crop_size: int = 224  # the aligned crop for the CLIP image encoder
+    clip_crop_context: float = 1.0  # 1.0: insightface's norm_crop framing (IP-Adapter-FaceID-Plus's); >1 zooms out
+
+
+def _env_str(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which weights to load and how (docs/weights.md). Each is overridable by argument, CLI flag or environment.
+
+    A location is a hub reference (``owner/repo``, ``owner/repo/subfolder`` or ``owner/repo/path/file``) or a
+    local folder or file. None means the policy default (resolved in ``infinite_id.hub``): ``vae`` None is the
+    fp16-fix VAE in fp16 and the base model's own VAE otherwise; ``device``/``dtype`` None follow
+    ``infinite_id.device``.
+    """
+
+    base_model: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    vae: str | None = None
+    image_encoder: str = "h94/IP-Adapter/models/image_encoder"
+    adapter: str = "faceid-plusv2"
+    adapter_path: str | None = None  # a file for the adapter instead of its published one (or a native checkpoint)
+    adapter_lora: bool = False  # apply the LoRA inside IP-Adapter-FaceID files (acts on both streams)
+    s_scale: float = 1.0  # FaceID-PlusV2's structure (CLIP) weight
+    fast_mode: str | None = None  # "hyper-sd" or "lightning": a step-distilled LoRA and its scheduler
+    fast_lora_path: str | None = None
+    variant: str | None = "fp16"  # the base model's weight files to fetch (fp16 halves the download)
+    device: str | None = None
+    dtype: str | None = None
+    memory_mode: str = "none"  # none | model (model CPU offload) | sequential (sequential CPU offload)
+
+
+def model_settings_from_env() -> ModelSettings:
+    """ModelSettings with INFINITE_ID_* overrides (BASE_MODEL, VAE, IMAGE_ENCODER, ADAPTER, ADAPTER_PATH, ...)."""
+    d = ModelSettings()
+    variant = os.environ.get("INFINITE_ID_VARIANT")
+    return ModelSettings(
+        base_model=_env_str("INFINITE_ID_BASE_MODEL") or d.base_model,
+        vae=_env_str("INFINITE_ID_VAE"),
+        image_encoder=_env_str("INFINITE_ID_IMAGE_ENCODER") or d.image_encoder,
+        adapter=_env_str("INFINITE_ID_ADAPTER") or d.adapter,
+        adapter_path=_env_str("INFINITE_ID_ADAPTER_PATH"),
+        adapter_lora=os.environ.get("INFINITE_ID_ADAPTER_LORA", "").lower() in ("1", "true", "yes"),
+        s_scale=_env_float("INFINITE_ID_S_SCALE", d.s_scale),
+        fast_mode=_env_str("INFINITE_ID_FAST_MODE"),
+        fast_lora_path=_env_str("INFINITE_ID_FAST_LORA"),
+        variant=d.variant if variant is None else (variant.strip() or None),
+        device=_env_str("INFINITE_ID_DEVICE"),
+        dtype=_env_str("INFINITE_ID_DTYPE"),
+        memory_mode=_env_str("INFINITE_ID_MEMORY_MODE") or d.memory_mode,
+    )
 
 
 @dataclass(frozen=True)
@@ -46,6 +101,7 @@ class Settings:
     images: ImageLimits = field(default_factory=ImageLimits)
     faces: FaceSettings = field(default_factory=FaceSettings)
     max_prompt_chars: int = 1000
+    models: ModelSettings = field(default_factory=model_settings_from_env)
 
 
 def load_settings() -> Settings:
