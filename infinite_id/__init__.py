@@ -1,12 +1,18 @@
 """Infinite-ID: identity-preserved personalization via ID-semantics decoupling, on diffusers SDXL."""
 
 from .attention import IDCall, IDCrossAttnProcessor, MixedSelfAttnProcessor, install_id_processors
+from .face import FaceAnalyzer, FaceError, FaceResult, NoFaceError, face_similarity
 from .id_encoder import CLIPMapper, FaceMapper, IdentityFeatures, InfiniteIDEncoder
 from .ops import adain_mean, average_identity, interpolate_identities, stack_identities
 from .pipeline import InfiniteIDPipeline, InfiniteIDPipelineOutput
 
 __all__ = [
     "CLIPMapper",
+    "FaceAnalyzer",
+    "FaceError",
+    "FaceResult",
+    "NoFaceError",
+    "face_similarity",
     "FaceMapper",
     "IDCall",
     "IDCrossAttnProcessor",

@@ -111,7 +111,7 @@ class InfiniteIDPipeline(StableDiffusionXLPipeline):
         face = clip = None
         device = self._execution_device
         if encoder.needs_face:
-            embeds = torch.stack([torch.as_tensor(np.asarray(f.embedding), dtype=torch.float32) for f in faces])
+            embeds = torch.stack([torch.tensor(np.asarray(f.embedding), dtype=torch.float32) for f in faces])
             face = average_identity(embeds, normalize=True)[None].to(device)
         if encoder.needs_clip:
             if self.image_encoder is None or self.feature_extractor is None:

@@ -68,7 +68,7 @@ def tiny_unet() -> UNet2DConditionModel:
 
 
 def tiny_vae() -> AutoencoderKL:
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         block_out_channels=[16, 32],
         in_channels=3,
         out_channels=3,
@@ -77,9 +77,16 @@ def tiny_vae() -> AutoencoderKL:
         latent_channels=4,
         norm_num_groups=8,
         sample_size=64,
-        scaling_factor=0.13025,
+        scaling_factor=4.0,  # random encoder means have std ~0.25: scale latents to unit variance like SDXL's
         force_upcast=False,
     )
+    # A trained VAE's posterior is nearly deterministic; a random one has std ~1, which would drown the image in
+    # sampling noise during training. Pin the log-variance channels of quant_conv low.
+    with torch.no_grad():
+        half = vae.quant_conv.out_channels // 2
+        vae.quant_conv.weight[half:] = 0
+        vae.quant_conv.bias[half:] = -12.0
+    return vae
 
 
 def _text_config(vocab_size: int) -> CLIPTextConfig:
@@ -107,8 +114,21 @@ def tiny_id_encoder() -> InfiniteIDEncoder:
     )
 
 
-def tiny_pipeline(seed: int = 0, face_analyzer=None) -> InfiniteIDPipeline:
-    """A tiny InfiniteIDPipeline with seeded random weights, fully offline. Default size 64x64 px."""
+def tiny_face_analyzer(seed: int = 0, **kwargs):
+    """The face stack on a synthetic ONNX pack, run through insightface's own code (see ``tiny_face``)."""
+    from .tiny_face import tiny_face_analyzer as build
+
+    return build(seed, **kwargs)
+
+
+def tiny_pipeline(seed: int = 0, face_analyzer="tiny") -> InfiniteIDPipeline:
+    """A tiny InfiniteIDPipeline with seeded random weights, fully offline. Default size 64x64 px.
+
+    ``face_analyzer="tiny"`` attaches the synthetic-pack face stack, so ``id_image`` works as in the real
+    pipeline (photos from ``tiny_face.synthetic_face_photo`` have faces it finds); pass None for none.
+    """
+    if isinstance(face_analyzer, str) and face_analyzer == "tiny":
+        face_analyzer = tiny_face_analyzer()
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
     vocab = len(tokenizer)

@@ -144,11 +144,33 @@ def test_bad_arguments_are_clear_errors(pipe, identity, kwargs, message):
         generate(pipe, **kwargs)
 
 
-def test_id_image_without_face_analyzer_says_what_to_do(pipe):
+def test_id_image_without_face_analyzer_says_what_to_do():
     from PIL import Image
 
+    from infinite_id.testing import tiny_pipeline
+
     with pytest.raises(ValueError, match="no face analyzer"):
-        generate(pipe, id_image=Image.new("RGB", (128, 128)))
+        generate(tiny_pipeline(face_analyzer=None), id_image=Image.new("RGB", (128, 128)))
+
+
+def test_id_image_goes_through_the_face_stack_like_the_real_pipeline(pipe):
+    from infinite_id.face import NoFaceError
+    from infinite_id.tiny_face import synthetic_face_photo
+
+    photo_a = synthetic_face_photo(256, faces=[(128, 120, 60, 0)])
+    photo_b = synthetic_face_photo(256, faces=[(128, 120, 60, 3)])
+    a = generate(pipe, id_image=photo_a)
+    # The same photo through precomputed features gives the same image (encoding once, reusing it, is exact).
+    feats = pipe.encode_identity(photo_a)
+    assert feats.face.shape == (1, 512) and feats.clip.shape == (1, 17, 32)
+    torch.testing.assert_close(generate(pipe, id_embeds=feats).images, a.images, atol=0, rtol=0)
+    assert not close(generate(pipe, id_image=photo_b).images, a.images, 1e-2)
+    # Two photos of the same person are averaged; a list of one equals the photo itself.
+    torch.testing.assert_close(generate(pipe, id_image=[photo_a]).images, a.images, atol=0, rtol=0)
+    both = pipe.encode_identity([photo_a, synthetic_face_photo(256, faces=[(120, 130, 70, 0)], seed=2)])
+    assert torch.isclose(both.face.norm(), torch.tensor(1.0), atol=1e-5)
+    with pytest.raises(NoFaceError, match="No face"):
+        generate(pipe, id_image=synthetic_face_photo(256, faces=[]))
 
 
 def test_precomputed_tokens_and_stacked_people(pipe):
