@@ -19,10 +19,13 @@ class IdentityFeatures:
     ``face``: ``[B, face_dim]`` L2-normed ArcFace embeddings; ``clip``: ``[B, tokens, clip_dim]`` hidden states of
     the CLIP image tower on the aligned face crop. Either may be None when the encoder does not use it. Computing
     these once per photo and passing them as ``id_embeds`` skips face analysis and CLIP on later calls.
+    ``face_norm``: optional ``[B]`` norms of the raw (un-normalized) ArcFace embeddings, for encoders trained on raw
+    embeddings (InstantID's adapter); None when the face stack did not record them.
     """
 
     face: torch.Tensor | None = None
     clip: torch.Tensor | None = None
+    face_norm: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -30,7 +33,7 @@ class IdentityFeatures:
 
     def to(self, device=None, dtype=None) -> IdentityFeatures:
         move = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-        return IdentityFeatures(move(self.face), move(self.clip))
+        return IdentityFeatures(move(self.face), move(self.clip), move(self.face_norm))
 
 
 class FaceMapper(nn.Module):
