@@ -98,6 +98,7 @@ class FaceResult:
     embedding: np.ndarray
     arcface_crop: Image.Image
     clip_crop: Image.Image
+    embedding_norm: float = 1.0  # norm of the raw embedding before normalising (InstantID's adapter wants it)
 
     @property
     def width(self) -> float:
@@ -291,6 +292,7 @@ class FaceAnalyzer:
         embedding = np.asarray(self.recognizer.get_feat(arcface_bgr), np.float32).reshape(-1)
         if embedding.shape != (EMBEDDING_DIM,):
             raise RuntimeError(f"The face recognizer gave a {embedding.shape} embedding; ArcFace's is 512.")
+        raw_norm = float(np.linalg.norm(embedding))
         embedding = _normalized(embedding)
         clip_bgr = align_face(bgr, face.kps, self.settings.clip_crop_size, self.settings.clip_crop_context)
         return FaceResult(
@@ -300,6 +302,7 @@ class FaceAnalyzer:
             embedding=_frozen(embedding),
             arcface_crop=_to_pil(arcface_bgr),
             clip_crop=_to_pil(clip_bgr),
+            embedding_norm=raw_norm,
         )
 
 

@@ -108,11 +108,12 @@ class InfiniteIDPipeline(StableDiffusionXLPipeline):
         if not photos:
             raise ValueError("id_image is an empty list; give at least one photo of the person.")
         faces = [self._face(p) for p in photos] if encoder.needs_face or self.face_analyzer is not None else None
-        face = clip = None
+        face = clip = face_norm = None
         device = self._execution_device
         if encoder.needs_face:
             embeds = torch.stack([torch.tensor(np.asarray(f.embedding), dtype=torch.float32) for f in faces])
             face = average_identity(embeds, normalize=True)[None].to(device)
+            face_norm = torch.tensor([float(np.mean([getattr(f, "embedding_norm", 1.0) for f in faces]))], device=device)
         if encoder.needs_clip:
             if self.image_encoder is None or self.feature_extractor is None:
                 raise ValueError("This identity encoder needs a CLIP image encoder; the pipeline has none loaded.")
@@ -121,7 +122,7 @@ class InfiniteIDPipeline(StableDiffusionXLPipeline):
             pixels = pixels.to(device=device, dtype=self.image_encoder.dtype)
             hidden = self.image_encoder(pixels, output_hidden_states=True).hidden_states[encoder.clip_layer]
             clip = average_identity(hidden, normalize=False)[None]
-        return IdentityFeatures(face=face, clip=clip)
+        return IdentityFeatures(face=face, clip=clip, face_norm=face_norm)
 
     def _face(self, photo):
         if hasattr(photo, "embedding") and hasattr(photo, "clip_crop"):
@@ -213,13 +214,19 @@ class InfiniteIDPipeline(StableDiffusionXLPipeline):
         mix_layers: tuple[str, ...] | None = None,
         adain_cross: bool = False,
         timesteps: list[int] | None = None,
+        return_text_images: bool = True,
+        cfg_cutoff: float = 1.0,
     ):
         """Generate images of the person in ``id_image`` following ``prompt``.
 
         Steps: 1 check inputs, 2 encode the prompt, 3 encode the identity, 4 timesteps, 5 one initial latent per
-        image shared by both streams, 6 SDXL added conditions, 7 denoise, 8 decode.
+        image shared by both streams, 6 lay out the batch of each step, 7 denoise, 8 decode.
         ``mix_layers``: name prefixes of the self-attention layers that mix (None: all); ``adain_cross``: AdaIN-mean
         on the cross-attention image keys/values too (off in the paper's behaviour).
+        Work that does not change ``.images`` can be skipped: with ``return_text_images=False`` the text stream
+        leaves the batch once the mixing window has ended (the ID stream no longer reads it) and ``.text_images``
+        is None; ``cfg_cutoff < 1`` drops the unconditional rows for the last part of the schedule (CFG
+        truncation; this does change the images slightly, so it is off by default).
         """
         # 1. Check inputs.
         height = height or self.default_sample_size * self.vae_scale_factor
@@ -228,33 +235,30 @@ class InfiniteIDPipeline(StableDiffusionXLPipeline):
             method, id_scale, semantic_scale, style_strength, mix_window, height, width, num_inference_steps,
             num_images_per_prompt,
         )
+        if not 0.0 <= cfg_cutoff <= 1.0:
+            raise ValueError(f"cfg_cutoff must be between 0 and 1, got {cfg_cutoff}.")
         check_installed(self.unet)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(prompts) * num_images_per_prompt
         device = self._execution_device
         cfg = guidance_scale > 1.0
         streams = {"infinite-id": ("text", "id"), "adapter": ("id",), "text": ("text",)}[method]
-        layout = _Layout(streams, ("uncond", "cond") if cfg else ("cond",), batch)
 
         # 2. Prompt embeddings (the unconditional rows of both streams use the negative prompt).
         embeds, neg_embeds, pooled, neg_pooled = self.encode_prompt(
             prompts, device=device, num_images_per_prompt=num_images_per_prompt, do_classifier_free_guidance=cfg,
             negative_prompt=negative_prompt,
         )
-        prompt_rows = layout.per_row({"uncond": neg_embeds, "cond": embeds})
-        pooled_rows = layout.per_row({"uncond": neg_pooled, "cond": pooled})
         time_ids = self._get_add_time_ids(
             (height, width), (0, 0), (height, width), dtype=embeds.dtype,
             text_encoder_projection_dim=self.text_encoder_2.config.projection_dim,
-        ).to(device).repeat(prompt_rows.shape[0], 1)
+        ).to(device)
 
-        # 3. Identity tokens for the ID rows: the null identity on unconditional rows.
-        id_rows = text_rows = row_tokens = None
+        # 3. Identity tokens: the person's on conditional rows, the null identity on unconditional ones.
+        tokens = None
         if "id" in streams:
             cond_tokens, null_tokens = self._id_tokens(id_image, id_embeds, batch, num_images_per_prompt)
-            row_tokens = torch.cat([null_tokens, cond_tokens] if cfg else [cond_tokens])
-            id_rows = layout.rows("id", device)
-            text_rows = layout.rows("text", device) if "text" in streams else None
+            tokens = {"uncond": null_tokens, "cond": cond_tokens}
 
         # 4. Timesteps: every stream gets its own fresh scheduler, so no call touches self.scheduler's state.
         schedulers = {s: self._fresh_scheduler() for s in streams}
@@ -268,31 +272,54 @@ class InfiniteIDPipeline(StableDiffusionXLPipeline):
         latents = latents.to(device, embeds.dtype) * schedulers[streams[0]].init_noise_sigma
         x = {s: latents.clone() for s in streams}
 
-        # 6 & 7. Denoise: one UNet call per step carries every stream and polarity.
-        start, end = mix_window
+        # 6. The batch of a step: which streams and polarities it carries, and their per-row inputs.
+        start, end = (f * num_inference_steps for f in mix_window)
+        rows_cache: dict[_Layout, dict] = {}
+
+        def rows_of(layout: _Layout) -> dict:
+            if layout not in rows_cache:
+                rows = {
+                    "prompt": layout.per_row({"uncond": neg_embeds, "cond": embeds}),
+                    "pooled": layout.per_row({"uncond": neg_pooled, "cond": pooled}),
+                    "id_rows": None, "text_rows": None, "tokens": None,
+                }
+                rows["time_ids"] = time_ids.repeat(rows["prompt"].shape[0], 1)
+                if "id" in layout.streams:
+                    rows["id_rows"] = layout.rows("id", device)
+                    rows["tokens"] = torch.cat([tokens[p] for p in layout.polarities])
+                    if "text" in layout.streams:
+                        rows["text_rows"] = layout.rows("text", device)
+                rows_cache[layout] = rows
+            return rows_cache[layout]
+
+        # 7. Denoise: one UNet call per step carries every active stream and polarity.
+        out_stream = "id" if "id" in streams else "text"
         for i, t in enumerate(ts):
+            active = streams
+            if not return_text_images and len(streams) == 2 and i >= end:
+                active = ("id",)  # past the mixing window nothing reads the text stream any more
+            polarities = ("uncond", "cond") if cfg and i < cfg_cutoff * num_inference_steps else ("cond",)
+            layout = _Layout(active, polarities, batch)
+            rows = rows_of(layout)
             call = None
-            if id_rows is not None:
+            if rows["id_rows"] is not None:
                 call = IDCall(
-                    id_rows=id_rows, id_tokens=row_tokens, text_rows=text_rows, id_scale=id_scale,
-                    semantic_scale=semantic_scale, style_strength=style_strength,
-                    mixing=start * num_inference_steps <= i < end * num_inference_steps,
+                    id_rows=rows["id_rows"], id_tokens=rows["tokens"], text_rows=rows["text_rows"], id_scale=id_scale,
+                    semantic_scale=semantic_scale, style_strength=style_strength, mixing=start <= i < end,
                     mix_layers=mix_layers, adain_cross=adain_cross,
                 )
-            scaled = torch.cat([schedulers[s].scale_model_input(x[s], t) for s in streams])
-            model_in = torch.cat([scaled] * len(layout.polarities))
+            scaled = torch.cat([schedulers[s].scale_model_input(x[s], t) for s in active])
             noise = self.unet(
-                model_in, t, encoder_hidden_states=prompt_rows,
+                torch.cat([scaled] * len(polarities)), t, encoder_hidden_states=rows["prompt"],
                 cross_attention_kwargs=None if call is None else {"id_call": call},
-                added_cond_kwargs={"text_embeds": pooled_rows, "time_ids": time_ids}, return_dict=False,
+                added_cond_kwargs={"text_embeds": rows["pooled"], "time_ids": rows["time_ids"]}, return_dict=False,
             )[0]
-            noise = noise.view(len(layout.polarities), len(streams), batch, *noise.shape[1:])
-            guided = noise[-1] if not cfg else noise[0] + guidance_scale * (noise[1] - noise[0])
-            for j, s in enumerate(streams):
+            noise = noise.view(len(polarities), len(active), batch, *noise.shape[1:])
+            guided = noise[0] + guidance_scale * (noise[1] - noise[0]) if len(polarities) == 2 else noise[0]
+            for j, s in enumerate(active):
                 x[s] = schedulers[s].step(guided[j], t, x[s], return_dict=False)[0]
 
             if callback_on_step_end is not None:
-                out_stream = "id" if "id" in streams else "text"
                 values = {"latents": x[out_stream], "text_latents": x.get("text")}
                 callback_kwargs = {k: values[k] for k in callback_on_step_end_tensor_inputs if k in values}
                 result = callback_on_step_end(self, i, t, callback_kwargs) or {}
@@ -300,9 +327,10 @@ class InfiniteIDPipeline(StableDiffusionXLPipeline):
                     x[out_stream] = result["latents"]
 
         # 8. Decode.
-        main = x["id" if "id" in streams else "text"]
-        images = self._decode(main, output_type)
-        text_images = self._decode(x["text"], output_type) if method == "infinite-id" else None
+        images = self._decode(x[out_stream], output_type)
+        text_images = None
+        if method == "infinite-id" and return_text_images:
+            text_images = self._decode(x["text"], output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, text_images

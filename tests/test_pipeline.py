@@ -182,3 +182,27 @@ def test_precomputed_tokens_and_stacked_people(pipe):
     assert not close(two, via_tokens, 1e-2)
     with pytest.raises(ValueError, match="not a multiple"):
         generate(pipe, method="adapter", id_embeds=ta[:, :5])
+
+
+def test_dropping_the_text_stream_after_the_window_does_not_change_the_images(pipe, identity):
+    full = generate(pipe, id_embeds=identity, mix_window=(0.0, 0.5))
+    skipped = generate(pipe, id_embeds=identity, mix_window=(0.0, 0.5), return_text_images=False)
+    assert skipped.text_images is None
+    assert close(skipped.images, full.images), (skipped.images - full.images).abs().max()
+    # With the whole schedule mixing, nothing can be dropped: the same batch, bit for bit.
+    torch.testing.assert_close(
+        generate(pipe, id_embeds=identity, return_text_images=False).images, generate(pipe, id_embeds=identity).images,
+        atol=0, rtol=0,
+    )
+
+
+def test_cfg_truncation_is_an_option(pipe, identity):
+    base = generate(pipe, id_embeds=identity)
+    torch.testing.assert_close(generate(pipe, id_embeds=identity, cfg_cutoff=1.0).images, base.images, atol=0, rtol=0)
+    cut = generate(pipe, id_embeds=identity, cfg_cutoff=0.5)
+    assert not close(cut.images, base.images, 1e-3)
+    # Steps without CFG are the conditional rows alone: cutting at 0 is guidance_scale 1.
+    assert close(generate(pipe, id_embeds=identity, cfg_cutoff=0.0).images, generate(pipe, id_embeds=identity, guidance_scale=1.0).images)
+    assert close(generate(pipe, method="text", cfg_cutoff=0.0).images, generate(pipe, method="text", guidance_scale=1.0).images)
+    with pytest.raises(ValueError, match="cfg_cutoff"):
+        generate(pipe, id_embeds=identity, cfg_cutoff=2)
