@@ -1,0 +1,248 @@
+"""The app end to end: ``build_demo`` on the tiny engine, served on a free local port, driven through gradio_client.
+
+One server for the module (the tiny engine and the server start in a few seconds); every named endpoint is
+called as a person's browser or script would, including the failure paths (no face, a damaged upload).
+"""
+
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import app  # noqa: E402
+from infinite_id import generation as gen  # noqa: E402
+from infinite_id.engines import TINY_BANNER, load_engine  # noqa: E402
+from infinite_id.tiny_face import synthetic_face_photo  # noqa: E402
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+STEPS = 2
+ASSETS = ROOT / "assets"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served():
+    engine = load_engine("tiny")
+    demo = app.build_demo(lambda: engine.pipe, lambda: engine.face_analyzer, engine="tiny", banner=engine.banner)
+    port = free_port()
+    demo.queue(**app.QUEUE_OPTIONS).launch(
+        **app.launch_options("127.0.0.1", port), prevent_thread_lock=True, quiet=True
+    )
+    try:
+        yield demo, f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return Client(served[1], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    paths = {
+        "face": ASSETS / "synthetic_face.png",
+        "face_2": ASSETS / "synthetic_face_2.png",
+        "group": ASSETS / "synthetic_group.png",
+    }
+    paths["no_face"] = folder / "landscape.png"
+    synthetic_face_photo(256, faces=[], seed=2).save(paths["no_face"])
+    paths["corrupt"] = folder / "holiday.jpg"
+    good = (ASSETS / "synthetic_face.png").read_bytes()
+    paths["corrupt"].write_bytes(b"\xff\xd8\xff\xe0" + good[4:200])  # a JPEG header, then the upload breaks off
+    paths["not_image"] = folder / "notes.png"
+    paths["not_image"].write_text("these are my notes, not a photo\n")
+    return paths
+
+
+def generate(client, photo, **overrides):
+    kwargs = dict(photo=handle_file(str(photo)), prompt="a person in a garden", style="Watercolor", steps=STEPS,
+                  seed=7, randomize_seed=False, api_name="/generate")
+    kwargs.update(overrides)
+    return client.predict(**kwargs)
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_named_endpoints_are_published(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for name in ("/generate", "/compare", "/detect_faces", "/mix"):
+        assert name in endpoints
+    params = [p["parameter_name"] for p in endpoints["/generate"]["parameters"]]
+    assert params[:3] == ["photo", "prompt", "style"] and "face_index" in params and "seed" in params
+
+
+def test_tiny_engine_banner_and_launch_settings(served):
+    demo, _ = served
+    config = demo.get_config_file()
+    markdown = " ".join(str(c.get("props", {}).get("value", "")) for c in config["components"])
+    assert TINY_BANNER in markdown
+    assert demo.delete_cache == app.DELETE_CACHE
+    assert demo._queue.max_size == app.QUEUE_OPTIONS["max_size"]
+    assert demo._queue.default_concurrency_limit == 1
+    assert app.launch_options()["share"] is False and app.launch_options()["max_file_size"] > 0
+
+
+def test_detect_faces_in_a_group_photo(client, photos):
+    gallery, face_index, note = client.predict(handle_file(str(photos["group"])), api_name="/detect_faces")
+    faces = gallery["value"] if isinstance(gallery, dict) else gallery
+    assert len(faces) == 3
+    assert gallery["visible"] is True and face_index == 0
+    assert faces[0]["caption"].startswith("face 0 (largest)")
+    assert "3 faces" in note
+
+
+def test_detect_faces_without_a_face_says_so(client, photos):
+    with pytest.raises(AppError, match="No face was found in this photo"):
+        client.predict(handle_file(str(photos["no_face"])), api_name="/detect_faces")
+
+
+@pytest.mark.parametrize(
+    ("kind", "sentence"),
+    [("corrupt", "looks damaged or incomplete"), ("not_image", "not a photo we can read")],
+)
+def test_bad_uploads_get_our_sentence_and_the_server_keeps_serving(client, photos, kind, sentence):
+    with pytest.raises(AppError, match=sentence):
+        generate(client, photos[kind])
+    gallery, *_ = generate(client, photos["face"])  # the next request is served normally
+    assert len(gallery) == 1
+
+
+def test_generate_images_with_metadata_similarity_and_text_stream(served, client, photos):
+    demo, _ = served
+    gallery, text_gallery, info, files, seed = generate(
+        client, photos["face"], num_images=2, show_text_stream=True, negative_prompt="blurry",
+        id_scale=1.2, semantic_scale=2.0, style_strength=0.7, mix_start=0.1, mix_end=0.9,
+    )
+    assert seed == 7 and "seed **7**" in info
+    assert [item["caption"].split(" · ")[-1] for item in gallery] == ["seed 7", "seed 8"]
+    assert all(item["caption"].startswith("identity ") for item in gallery)
+    assert len(text_gallery["value"]) == 2 and text_gallery["visible"] is True
+    assert len(files) == 2
+
+    meta = gen.read_metadata(files[1])
+    assert meta["seed"] == 8 and meta["method"] == "infinite-id"
+    assert meta["prompt"].startswith("watercolor painting of a person in a garden")
+    assert meta["negative_prompt"].startswith("blurry, ")
+    assert (meta["id_scale"], meta["semantic_scale"], meta["style_strength"]) == (1.2, 2.0, 0.7)
+    assert meta["mix_window"] == [0.1, 0.9] and meta["num_inference_steps"] == STEPS
+    assert meta["models"]["engine"] == "tiny"
+    assert set(meta["similarity"]) == {"identity"}
+    with Image.open(files[1]) as image:
+        assert image.format == "PNG" and not image.getexif()
+
+    # The second image alone, from its own seed, is the same picture (uint8 rounding aside).
+    hits = demo.handlers.identities.hits
+    again, *_ = generate(client, photos["face"], seed=8, negative_prompt="blurry", id_scale=1.2,
+                         semantic_scale=2.0, style_strength=0.7, mix_start=0.1, mix_end=0.9)
+    assert np.abs(pixels(again[0]["image"]) - pixels(gallery[1]["image"])).max() <= 2
+    assert demo.handlers.identities.hits > hits  # the photo was encoded once and reused
+
+
+def test_generate_with_a_picked_face_and_the_text_method(client, photos):
+    *_, files, _ = generate(client, photos["group"], face_index=2)
+    assert gen.read_metadata(files[0])["identity"]["face_index"] == 2
+    with pytest.raises(AppError, match="There is no face number 5"):
+        generate(client, photos["group"], face_index=5)
+    # Text only needs no photo at all.
+    gallery, *_ , files, _ = client.predict(prompt="a lighthouse", steps=STEPS, method="text", photo=None,
+                                           api_name="/generate")
+    assert len(gallery) == 1 and gen.read_metadata(files[0])["identity"] is None
+
+
+def test_compare_methods_and_strength_grid(client, photos):
+    grid, gallery, files, info, seed = client.predict(
+        photo=handle_file(str(photos["face"])), prompt="a person reading", mode="methods", steps=STEPS, seed=3,
+        randomize_seed=False, api_name="/compare",
+    )
+    assert seed == 3 and Path(grid).exists() and len(files) == 4
+    labels = [item["caption"].split(" · ")[0] for item in gallery]
+    assert labels == ["Text only (plain SDXL)", "Adapter baseline", "Infinite-ID"]
+    assert all(item["caption"].endswith("seed 3") for item in gallery)
+    assert [gen.read_metadata(f)["method"] for f in files[1:]] == ["text", "adapter", "infinite-id"]
+
+    grid, gallery, *_ = client.predict(
+        photo=handle_file(str(photos["face"])), prompt="a person reading", mode="strengths", id_scales="0.5, 1",
+        semantic_scales="0, 2", steps=1, seed=3, randomize_seed=False, api_name="/compare",
+    )
+    assert [item["caption"].split(" · ")[0] for item in gallery] == [
+        "identity 0.5 / semantic 0", "identity 0.5 / semantic 2", "identity 1 / semantic 0", "identity 1 / semantic 2"
+    ]
+    with Image.open(grid) as image:
+        assert image.width > image.height * 0.8  # two columns of cells under a header row
+
+
+def test_compare_styles(client, photos):
+    _, gallery, *_ = client.predict(
+        photo=handle_file(str(photos["face"])), prompt="a person", mode="styles",
+        styles=["Comic book", "Ukiyo-e"], steps=1, api_name="/compare",
+    )
+    assert [item["caption"].split(" · ")[0] for item in gallery] == ["Comic book", "Ukiyo-e"]
+
+
+def test_mix_two_people(client, photos):
+    gallery, info, files, seed = client.predict(
+        photo_a=handle_file(str(photos["face"])), photo_b=handle_file(str(photos["face_2"])), weight=0.3,
+        prompt="a portrait", steps=STEPS, seed=11, randomize_seed=False, api_name="/mix",
+    )
+    assert len(gallery) == 1 and seed == 11
+    assert "person A" in gallery[0]["caption"] and "person B" in gallery[0]["caption"]
+    meta = gen.read_metadata(files[0])
+    assert meta["identity"]["weight"] == 0.3 and len(meta["identity"]["mix"]) == 2
+
+
+def test_progress_counts_steps_and_cancel_leaves_the_next_job_correct(client, photos):
+    reference, *_ = generate(client, photos["face"], seed=21)
+    job = client.submit(photo=handle_file(str(photos["face"])), prompt="a long one", steps=100, seed=5,
+                        randomize_seed=False, api_name="/generate")
+    progress = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not job.done():
+        units = job.status().progress_data or []
+        progress = next((u for u in units if u.length == 100), None)
+        if progress is not None:
+            break
+        time.sleep(0.1)
+    assert progress is not None and progress.unit == "steps"
+    client.predict(api_name="/cancel")  # the Stop button: this session's job stops at its next step
+    with pytest.raises(AppError, match="cancelled"):
+        job.result(timeout=60)
+    after, *_ = generate(client, photos["face"], seed=21)
+    assert np.array_equal(pixels(after[0]["image"]), pixels(reference[0]["image"]))
+
+
+def test_out_of_memory_reaches_the_person_and_the_next_request_works(served, client, photos, monkeypatch):
+    unet = served[0].handlers.get_pipeline().unet
+    forward, calls = unet.forward, []
+
+    def out_of_memory_once(*args, **kwargs):
+        if not calls:
+            calls.append(1)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", out_of_memory_once)
+    with pytest.raises(AppError, match="The GPU ran out of memory"):
+        generate(client, photos["face"])
+    gallery, *_ = generate(client, photos["face"])
+    assert len(gallery) == 1
