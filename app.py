@@ -35,7 +35,7 @@ except ImportError:
     spaces = None
 
 from infinite_id import generation as gen
-from infinite_id.config import SETTINGS
+from infinite_id.config import SERVER, SETTINGS
 from infinite_id.engines import TINY_BANNER, TINY_STEPS, Engine, add_engine_arguments, load_engine_from_args
 from infinite_id.images import load_image
 from infinite_id.styles import default_style_name, load_styles
@@ -48,9 +48,13 @@ TITLE = "Infinite-ID: your face, any prompt, any style"
 
 # DESIGN 7: bounded queue, one GPU job at a time, uploads capped, uploaded and generated files deleted after an
 # hour (checked every 30 minutes), no flagging (Blocks has none unless added), no share link unless asked for.
-QUEUE_OPTIONS = {"max_size": 16, "default_concurrency_limit": 1}
-DELETE_CACHE = (1800, 3600)
+# Every number is a config.ServerSettings field (INFINITE_ID_* environment variables; docs/reliability.md).
+QUEUE_OPTIONS = {"max_size": SERVER.queue_max_size, "default_concurrency_limit": 1}
+DELETE_CACHE = (SERVER.delete_cache_every_s, SERVER.delete_cache_age_s)
 OUTPUT_MAX_AGE_S = DELETE_CACHE[1]
+GPU = "gpu"  # the concurrency id of every event that runs the pipeline
+BUSY_SESSION = ("You already have a generation waiting or running. Wait for it to finish (or press Stop) before "
+                "starting another, so everyone in the queue gets a turn.")
 FACE_THUMBNAIL = 128
 # Gradio finds a handler's progress tracker by its default value. A default is built once either way, and the
 # tracker keeps no per-call state for (done, total) updates (the event comes from a context variable).
@@ -186,9 +190,13 @@ class Handlers:
     """Turns widget values into one library call each. Holds only shared services: the engine getters, the
     identity cache (content-keyed, so safe across requests), the cancel flags and the output folder."""
 
-    def __init__(self, get_pipeline: Callable, get_face_analyzer: Callable, outputs: OutputFolder | None = None):
+    def __init__(self, get_pipeline: Callable, get_face_analyzer: Callable, outputs: OutputFolder | None = None,
+                 timeout_s: float | None = None, guard: gen.OutputGuard | None = None):
         self.get_pipeline = get_pipeline
+        # Built here, at start-up: a safety checker that cannot be imported stops the app before any request.
+        self.guard = guard or gen.OutputGuard.from_settings(SERVER)
         self.get_face_analyzer = get_face_analyzer
+        self.timeout_s = SERVER.request_timeout_s if timeout_s is None else timeout_s
         self.identities = gen.IdentityCache()
         self.jobs = Jobs()
         self.outputs = outputs or OutputFolder()
@@ -212,6 +220,18 @@ class Handlers:
     def _save(self, images: list[gen.GeneratedImage], stem: str) -> list[str]:
         folder = self.outputs.new()
         return [str(p) for p in gen.save_images(images, folder, stem=stem)]
+
+    def _screen(self, result: gen.GenerationResult, text_stream: bool = False):
+        """The images that may be shown, the text-stream images likewise (only when they are to be shown), and the
+        info line (with a notice when the safety check withheld any). Nothing withheld is saved."""
+        images, withheld = self.guard.screen(result.images)
+        if not images:
+            raise gr.Error(gen.WITHHELD_MESSAGE, print_exception=False)
+        text_images, text_withheld = self.guard.screen(result.text_images) if text_stream else ([], 0)
+        info = result.info()
+        if withheld or text_withheld:
+            info += f"  \n{withheld + text_withheld} image(s) withheld by the safety check."
+        return images, text_images, info
 
     # - endpoints -
     def detect_faces(self, photo):
@@ -248,18 +268,19 @@ class Handlers:
             )
             with self.jobs.running(request.session_hash if request else None) as cancel:
                 result = gen.generate(pipe, job, identity, on_step=_progress_reporter(progress, "Generating"),
-                                      cancel=cancel)
-            paths = self._save(result.images, "infinite-id")
-            gallery = [(p, item.caption()) for p, item in zip(paths, result.images)]
+                                      cancel=cancel, deadline=gen.deadline_in(self.timeout_s))
+            images, text_images, info = self._screen(result, text_stream=bool(show_text_stream))
+            paths = self._save(images, "infinite-id")
+            gallery = [(p, item.caption()) for p, item in zip(paths, images)]
             text_gallery = None
-            if show_text_stream and result.text_images:
-                text_paths = self._save(result.text_images, "text-stream")
+            if show_text_stream and text_images:
+                text_paths = self._save(text_images, "text-stream")
                 text_gallery = [(p, f"text stream (no identity) · {item.caption()}")
-                                for p, item in zip(text_paths, result.text_images)]
+                                for p, item in zip(text_paths, text_images)]
         return (
             gallery,
             gr.Gallery(value=text_gallery, visible=bool(text_gallery)),
-            result.info(),
+            info,
             paths,
             result.seed,
         )
@@ -281,7 +302,12 @@ class Handlers:
                 result = gen.compare(
                     pipe, job, identity, mode, styles=styles or (), id_scales=id_scales,
                     semantic_scales=semantic_scales, on_step=_progress_reporter(progress, "Comparing"), cancel=cancel,
+                    deadline=gen.deadline_in(self.timeout_s),
                 )
+            cells, withheld = self.guard.screen(result.cells)
+            if withheld:  # one grid image holds every cell: a withheld cell withholds the grid
+                raise gr.Error(gen.WITHHELD_MESSAGE, print_exception=False)
+            result.cells, result.grid = cells, self.guard.mark(result.grid)
             grid, cell_paths = gen.save_comparison(result, self.outputs.new(), stem=f"compare-{mode}")
             grid_path, paths = str(grid), [str(p) for p in cell_paths]
             gallery = [(p, cell.caption()) for p, cell in zip(paths, result.cells)]
@@ -305,10 +331,11 @@ class Handlers:
             )
             with self.jobs.running(request.session_hash if request else None) as cancel:
                 result = gen.mix(pipe, job, first, second, weight, on_step=_progress_reporter(progress, "Mixing"),
-                                 cancel=cancel)
-            paths = self._save(result.images, "mix")
-            gallery = [(p, item.caption()) for p, item in zip(paths, result.images)]
-        return gallery, result.info(), paths, result.seed
+                                 cancel=cancel, deadline=gen.deadline_in(self.timeout_s))
+            images, _, info = self._screen(result)
+            paths = self._save(images, "mix")
+            gallery = [(p, item.caption()) for p, item in zip(paths, images)]
+        return gallery, info, paths, result.seed
 
     def cancel(self, request: gr.Request):
         self.jobs.cancel(request.session_hash if request else None)
@@ -333,12 +360,19 @@ def load_examples(engine: str) -> dict[str, list[list[str]]]:
 
 def build_demo(get_pipeline: Callable, get_face_analyzer: Callable, *, engine: str = "real",
                banner: str | None = None, steps: int | None = None, guidance: float = 5.0,
-               fast: bool = False) -> gr.Blocks:
+               fast: bool = False, concurrency: int | None = None, delete_cache: tuple[int, int] | None = None,
+               timeout_s: float | None = None, guard: gen.OutputGuard | None = None) -> gr.Blocks:
     """The app's Blocks. ``get_pipeline``/``get_face_analyzer`` return the already-loaded engine (the getters are
     only called by handlers). ``engine`` ("real" or "tiny") picks the examples; ``banner`` is shown above
     everything when given; ``steps``/``guidance``/``fast`` are the sliders' starting values (the loaded sampling
-    mode's: a fast-mode LoRA is fused at start-up, so its few steps are the right default)."""
-    handlers = Handlers(get_pipeline, get_face_analyzer)
+    mode's: a fast-mode LoRA is fused at start-up, so its few steps are the right default).
+    ``concurrency`` (GPU jobs at once), ``delete_cache`` ((every_s, age_s)) and ``timeout_s`` (per request)
+    default to ``config.SERVER``, as does ``guard`` (watermark and safety check); the tests override them."""
+    delete_cache = delete_cache or DELETE_CACHE
+    # The app's own copies of the outputs follow the same age as Gradio's cache of them.
+    handlers = Handlers(get_pipeline, get_face_analyzer, OutputFolder(max_age_s=delete_cache[1]), timeout_s=timeout_s,
+                        guard=guard)
+    gpu_limit = max(1, int(concurrency or SERVER.gpu_concurrency))
     styles = load_styles()
     style_choices = list(styles)
     default_style = default_style_name()
@@ -350,7 +384,7 @@ def build_demo(get_pipeline: Callable, get_face_analyzer: Callable, *, engine: s
     def recommended_strength(name):
         return styles[name].style_strength if name in styles else 1.0
 
-    with gr.Blocks(title="Infinite-ID", delete_cache=DELETE_CACHE, analytics_enabled=False) as demo:
+    with gr.Blocks(title="Infinite-ID", delete_cache=delete_cache, analytics_enabled=False) as demo:
         gr.Markdown(f"# {TITLE}\nUpload one photo of a person, describe a scene, pick a style. "
                     "Identity and text are handled by two streams, so the prompt and the style stay in charge of "
                     "the picture while the face stays the person's.")
@@ -523,20 +557,20 @@ def build_demo(get_pipeline: Callable, get_face_analyzer: Callable, *, engine: s
             [photo, prompt, style, aspect, negative, id_scale, semantic_scale, style_strength, mix_start, mix_end,
              steps_slider, guidance_slider, seed, randomize, num_images, method, fast_mode, show_text, face_index, extra_photos],
             [gallery, text_gallery, info, files, seed],
-            api_name="generate", concurrency_id="gpu",
+            api_name="generate", concurrency_id=GPU, concurrency_limit=gpu_limit,
         )
         cmp_event = c_btn.click(
             _on_gpu(handlers.compare, duration=300),
             [c_photo, c_prompt, c_mode, c_style, c_styles, c_ids, c_sems, c_aspect, c_steps, c_guidance, c_seed,
              c_randomize, c_face],
             [c_grid, c_gallery, c_files, c_info, c_seed],
-            api_name="compare", concurrency_id="gpu",
+            api_name="compare", concurrency_id=GPU, concurrency_limit=gpu_limit,
         )
         mix_event = m_btn.click(
             _on_gpu(handlers.mix),
             [m_a, m_b, m_weight, m_prompt, m_style, m_aspect, m_steps, m_guidance, m_seed, m_randomize],
             [m_gallery, m_info, m_files, m_seed],
-            api_name="mix", concurrency_id="gpu",
+            api_name="mix", concurrency_id=GPU, concurrency_limit=gpu_limit,
         )
         # Stop: cancel this session's job in Gradio and set its flag, so the pipeline call itself ends at the next
         # step. Callable by API clients as /cancel (same session), undocumented.
@@ -553,6 +587,33 @@ def _selected_face(event: gr.SelectData):
 
 
 # --- launching ------------------------------------------------------------------------------------------------------
+
+
+def enable_queue(demo: gr.Blocks, max_size: int | None = None, session_jobs: int | None = None) -> gr.Blocks:
+    """``demo.queue`` with the production options (``QUEUE_OPTIONS``), plus a cap of ``session_jobs`` GPU jobs
+    waiting or running per browser session (``config.SERVER.session_jobs``).
+
+    Gradio bounds the queue as a whole, not per person: one script could fill all of it. Gradio has no option
+    for that, so the queue's ``push`` (where a request joins) is wrapped on this one instance; a request over
+    the cap gets ``BUSY_SESSION`` (HTTP 400) and never enters the queue. Shared by ``main`` and the tests.
+    """
+    demo.queue(**{**QUEUE_OPTIONS, **({"max_size": max_size} if max_size else {})})
+    queue, cap = demo._queue, max(1, int(session_jobs or SERVER.session_jobs))
+    push = queue.push
+
+    def gpu_jobs_of(session: str) -> int:
+        events = (queue.event_ids_to_events.get(i) for i in list(queue.pending_event_ids_session.get(session, ())))
+        return sum(1 for event in events if event is not None and event.fn.concurrency_id == GPU)
+
+    async def push_capped(body, request, username):
+        fn = demo.fns.get(body.fn_index) if body.fn_index is not None else None
+        if body.session_hash and fn is not None and fn.concurrency_id == GPU and gpu_jobs_of(body.session_hash) >= cap:
+            return False, BUSY_SESSION, "error"
+        return await push(body, request, username)
+
+    queue.push = push_capped
+    return demo
+
 
 
 def launch_options(host: str = "127.0.0.1", port: int = 7860, share: bool = False) -> dict:
@@ -587,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request URL is noise, not information
     args = parse_args(argv)
     try:
+        guard = gen.OutputGuard.from_settings(SERVER)  # first: a configuration mistake costs no model loading
         engine: Engine = load_engine_from_args(args)
     except (ValueError, FileNotFoundError) as error:  # MissingWeightsError and friends: one message, no traceback
         print(f"\n{error}\n", file=sys.stderr)
@@ -598,8 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     if engine.name == "tiny":
         logger.warning("Serving the tiny engine (%s): every image is noise by design.", TINY_BANNER)
     demo = build_demo(lambda: engine.pipe, lambda: engine.face_analyzer, engine=engine.name, banner=engine.banner,
-                      steps=engine.steps, guidance=engine.guidance, fast=engine.fast)
-    demo.queue(**QUEUE_OPTIONS).launch(**launch_options(args.host, args.port, args.share))
+                      steps=engine.steps, guidance=engine.guidance, fast=engine.fast, guard=guard)
+    enable_queue(demo).launch(**launch_options(args.host, args.port, args.share))
     return 0
 
 

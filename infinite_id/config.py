@@ -121,3 +121,43 @@ def load_settings() -> Settings:
 
 
 SETTINGS = load_settings()
+
+
+def _env_bool(name: str, default: bool = False) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    return default if not value else value in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the app serves many people (DESIGN 7, docs/reliability.md). Environment: INFINITE_ID_<FIELD>."""
+
+    # One GPU job at a time in production: the pipeline has no per-call state on shared objects, so more is
+    # correct (tests/test_reliability.py runs 8 at once), but on one GPU it only splits the memory.
+    gpu_concurrency: int = 1
+    queue_max_size: int = 16  # beyond this a request gets Gradio's "queue is full" answer at once
+    session_jobs: int = 1  # GPU jobs one browser session may have waiting or running, so nobody fills the queue
+    # Gradio's upload/output cache: checked every `delete_cache_every_s`, files older than `delete_cache_age_s` go.
+    delete_cache_every_s: int = 1800
+    delete_cache_age_s: int = 3600
+    request_timeout_s: float = 600.0  # a request still denoising after this is stopped at its next step
+    watermark: bool = False  # the SDXL invisible watermark on outputs (needs the invisible-watermark package)
+    # "module:function" taking a list of PIL images, returning one bool per image (True: not to be shown).
+    safety_checker: str | None = None
+
+
+def load_server_settings() -> ServerSettings:
+    d = ServerSettings()
+    return ServerSettings(
+        gpu_concurrency=max(1, _env_int("INFINITE_ID_GPU_CONCURRENCY", d.gpu_concurrency)),
+        queue_max_size=max(1, _env_int("INFINITE_ID_QUEUE_MAX_SIZE", d.queue_max_size)),
+        session_jobs=max(1, _env_int("INFINITE_ID_SESSION_JOBS", d.session_jobs)),
+        delete_cache_every_s=max(1, _env_int("INFINITE_ID_DELETE_CACHE_EVERY_S", d.delete_cache_every_s)),
+        delete_cache_age_s=max(1, _env_int("INFINITE_ID_DELETE_CACHE_AGE_S", d.delete_cache_age_s)),
+        request_timeout_s=_env_float("INFINITE_ID_REQUEST_TIMEOUT_S", d.request_timeout_s),
+        watermark=_env_bool("INFINITE_ID_WATERMARK"),
+        safety_checker=_env_str("INFINITE_ID_SAFETY_CHECKER"),
+    )
+
+
+SERVER = load_server_settings()

@@ -89,6 +89,19 @@ class OutOfMemory(GenerationError):
     pass
 
 
+class GenerationTimeout(GenerationError):
+    """A request that ran past its time limit (``config.ServerSettings.request_timeout_s``): a hung or far too
+    slow step is cut at the next step instead of holding the GPU slot for everyone behind it."""
+
+    def __init__(self):
+        super().__init__("The generation took longer than this server allows and was stopped. Try fewer steps, "
+                         "fewer images or a smaller size.")
+
+
+BLANK_MESSAGE = ("The model produced a blank image (its numbers overflowed). Please try again with another seed; if "
+                 "it keeps happening, the VAE needs the fp16-fix weights.")
+
+
 # --- the request --------------------------------------------------------------------------------------------------
 
 
@@ -422,6 +435,11 @@ def _is_blank(image: Image.Image) -> bool:
     return bool(pixels.std() < 1.0 and pixels.mean() < 8.0)
 
 
+def deadline_in(seconds: float | None) -> float | None:
+    """A ``deadline`` for ``run`` that is ``seconds`` from now (None or <= 0: no limit)."""
+    return time.monotonic() + seconds if seconds and seconds > 0 else None
+
+
 def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -465,13 +483,15 @@ def run(
     cancel: threading.Event | None = None,
     step_offset: int = 0,
     total_steps: int | None = None,
+    deadline: float | None = None,
 ) -> GenerationResult:
     """One pipeline call for ``request`` (seed fixed first), with the given identity tokens or features.
 
     ``references``: people to measure each output against (name -> ArcFace embedding). ``on_step``/``cancel``:
     progress and a cooperative stop, checked every step (a cancelled call raises ``GenerationCancelled``; the
     pipeline restores everything it swapped in, so the next call is unaffected). ``step_offset``/``total_steps``
-    let several calls report one continuous progress.
+    let several calls report one continuous progress. ``deadline``: a ``time.monotonic()`` value; a call still
+    running then raises ``GenerationTimeout`` at its next step.
     """
     request = request.with_seed()
     if request.needs_identity and id_embeds is None:
@@ -486,14 +506,18 @@ def run(
     def step_end(_pipe, i, _t, _tensors):
         if cancel is not None and cancel.is_set():
             raise GenerationCancelled()
+        if deadline is not None and time.monotonic() > deadline:
+            raise GenerationTimeout()
         if on_step is not None:
             on_step(step_offset + i + 1, total)
         return {}
 
     if cancel is not None and cancel.is_set():
         raise GenerationCancelled()
+    if deadline is not None and time.monotonic() > deadline:  # e.g. the last cells of a long comparison
+        raise GenerationTimeout()
     started = time.perf_counter()
-    oom = False
+    oom = non_finite = False
     try:
         output = pipe(
             prompt,
@@ -512,8 +536,13 @@ def run(
             generator=generators,
             callback_on_step_end=step_end,
         )
-    except torch.cuda.OutOfMemoryError:
+    except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
         oom = True  # handled outside the except block, so the traceback (and the tensors it holds) is gone
+    except FloatingPointError:  # the pipeline's decode: NaN/inf even after its fp32 retry
+        non_finite = True
+    if non_finite:
+        _free_memory()
+        raise GenerationError(BLANK_MESSAGE)
     if oom:
         _free_memory()
         raise OutOfMemory(
@@ -529,10 +558,7 @@ def run(
         out = []
         for i, image in enumerate(images):
             if _is_blank(image):
-                raise GenerationError(
-                    "The model produced a blank image (its numbers overflowed). Please try again with another "
-                    "seed; if it keeps happening, the VAE needs the fp16-fix weights."
-                )
+                raise GenerationError(BLANK_MESSAGE)
             seed = request.seed + i
             sims = {name: output_similarity(analyzer, image, ref) for name, ref in references.items()}
             meta = _metadata(pipe, request, seed, method, identity_meta)
@@ -558,13 +584,14 @@ def generate(
     *,
     on_step: StepCallback | None = None,
     cancel: threading.Event | None = None,
+    deadline: float | None = None,
 ) -> GenerationResult:
     """Images of ``identity`` following ``request``; each measured against the person's photo."""
     return run(
         pipe, request, identity.features if identity is not None else None,
         identity_meta=_identity_meta(identity),
         references={"identity": identity.reference} if identity is not None else None,
-        on_step=on_step, cancel=cancel,
+        on_step=on_step, cancel=cancel, deadline=deadline,
     )
 
 
@@ -615,6 +642,7 @@ def compare(
     semantic_scales: Sequence[float] = (0.0, 1.0, 2.0),
     on_step: StepCallback | None = None,
     cancel: threading.Event | None = None,
+    deadline: float | None = None,
 ) -> CompareResult:
     """The same person, prompt and seed across methods, an identity x semantic strength grid, or styles.
 
@@ -652,7 +680,8 @@ def compare(
     done = 0
     for r, c, cell_request in plan:
         result = generate(pipe, cell_request, identity, on_step=None if on_step is None else
-                          (lambda d, _t, base=done: on_step(base + d, total)), cancel=cancel)
+                          (lambda d, _t, base=done: on_step(base + d, total)), cancel=cancel,
+                          deadline=deadline)
         done += cell_request.steps
         grid[r][c] = result.images[0]
         if mode == "methods" and result.text_images:
@@ -693,6 +722,7 @@ def mix(
     *,
     on_step: StepCallback | None = None,
     cancel: threading.Event | None = None,
+    deadline: float | None = None,
 ) -> GenerationResult:
     """One person between two: their identity tokens blended ``(1 - weight) * first + weight * second``.
 
@@ -709,8 +739,81 @@ def mix(
     return run(
         pipe, request, tokens, identity_meta=meta,
         references={"person A": first.reference, "person B": second.reference},
-        on_step=on_step, cancel=cancel,
+        on_step=on_step, cancel=cancel, deadline=deadline,
     )
+
+
+# --- before anyone sees an image: safety check and watermark -----------------------------------------------------
+
+# SDXL's invisible watermark: the same 48-bit message diffusers' StableDiffusionXLWatermarker embeds (dwtDct).
+WATERMARK_MESSAGE = 0b101100111110110010010000011110111011000110011110
+WATERMARK_BITS = [int(bit) for bit in bin(WATERMARK_MESSAGE)[2:]]
+WATERMARK_MIN_SIDE = 256  # dwtDct needs at least this; like diffusers, smaller images are left unmarked
+WITHHELD_MESSAGE = ("The safety check withheld this image, so it is not shown or kept. Please try a different "
+                    "prompt.")
+
+SafetyChecker = Callable[[list[Image.Image]], Sequence[bool]]
+
+
+def load_callable(reference: str) -> Callable:
+    """``"package.module:function"`` -> the function (how a safety checker is named in the settings)."""
+    import importlib
+
+    module, _, name = reference.partition(":")
+    if not module or not name:
+        raise ValueError(f"A safety checker is named 'package.module:function', not {reference!r}.")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as error:  # a start-up message, not a traceback
+        raise ValueError(f"The safety checker {reference!r} cannot be loaded: {error}") from error
+
+
+class OutputGuard:
+    """What every output goes through before it is saved or shown, both off unless configured
+    (``config.ServerSettings.watermark`` / ``.safety_checker``):
+
+    * ``safety_checker(images) -> list[bool]``: True means the image must not be shown; it is dropped, never saved.
+    * ``watermark``: SDXL's invisible watermark (the ``invisible-watermark`` package), on images of 256 px and up.
+
+    Built once at start-up, so a checker that cannot be imported or a missing watermark package stops the app
+    there, not on a request. Holds no per-call state: ``screen`` returns what it keeps.
+    """
+
+    def __init__(self, watermark: bool = False, safety_checker: SafetyChecker | str | None = None):
+        self.safety_checker = load_callable(safety_checker) if isinstance(safety_checker, str) else safety_checker
+        self.encoder = None
+        if watermark:
+            try:
+                from imwatermark import WatermarkEncoder
+            except ImportError as error:
+                raise ValueError("The invisible watermark is switched on (INFINITE_ID_WATERMARK) but the "
+                                 "invisible-watermark package is not installed: pip install invisible-watermark"
+                                 ) from error
+            self.encoder = WatermarkEncoder()
+            self.encoder.set_watermark("bits", WATERMARK_BITS)
+
+    @classmethod
+    def from_settings(cls, settings) -> OutputGuard:
+        return cls(watermark=settings.watermark, safety_checker=settings.safety_checker)
+
+    def screen(self, items: Sequence[GeneratedImage]) -> tuple[list[GeneratedImage], int]:
+        """The items that may be shown (watermarked when configured) and how many were withheld."""
+        items = list(items)
+        kept = items
+        if self.safety_checker is not None and items:
+            flags = [bool(flag) for flag in self.safety_checker([item.image for item in items])]
+            if len(flags) != len(items):
+                raise RuntimeError(f"The safety checker answered {len(flags)} flags for {len(items)} images.")
+            kept = [item for item, flagged in zip(items, flags) if not flagged]
+        for item in kept:
+            item.image = self.mark(item.image)
+        return kept, len(items) - len(kept)
+
+    def mark(self, image: Image.Image) -> Image.Image:
+        if self.encoder is None or min(image.size) < WATERMARK_MIN_SIDE:
+            return image
+        bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+        return Image.fromarray(np.ascontiguousarray(self.encoder.encode(bgr, "dwtDct")[:, :, ::-1]))
 
 
 # --- saving -------------------------------------------------------------------------------------------------------

@@ -340,23 +340,46 @@ class InfiniteIDPipeline(StableDiffusionXLPipeline):
         return copy.deepcopy(self.scheduler)
 
     def _decode(self, latents: torch.Tensor, output_type: str):
+        """Latents -> images. A decode that gives NaN/inf (fp16 overflow) is retried once in fp32; if the numbers
+        are still not finite, ``FloatingPointError`` is raised: a black or NaN image is never returned."""
         if output_type == "latent":
             return latents
+        import logging
+
         vae = self.vae
+        finite_latents = bool(torch.isfinite(latents).all())
         if vae.config.get("latents_mean") is not None and vae.config.get("latents_std") is not None:
             mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1).to(latents)
             std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(latents)
             latents = latents * std / vae.config.scaling_factor + mean
         else:
             latents = latents / vae.config.scaling_factor
-        if vae.dtype == torch.float16 and vae.config.force_upcast:
-            # The original SDXL VAE overflows in fp16. Upcasting changes a shared module, so one call at a time.
-            with self._vae_upcast_lock:
-                vae.to(torch.float32)
-                try:
-                    image = vae.decode(latents.float(), return_dict=False)[0]
-                finally:
-                    vae.to(torch.float16)
+
+        def decode_fp32() -> torch.Tensor:
+            if vae.dtype == torch.float32:
+                return vae.decode(latents.float(), return_dict=False)[0]
+            original = vae.dtype
+            vae.to(torch.float32)  # the caller holds _vae_upcast_lock: the VAE is shared between calls
+            try:
+                return vae.decode(latents.float(), return_dict=False)[0]
+            finally:
+                vae.to(original)
+
+        if vae.dtype == torch.float32:
+            # Nothing to upcast: a retry at the same precision would give the same numbers.
+            image = vae.decode(latents, return_dict=False)[0]
         else:
-            image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+            # Another call may be switching the shared VAE to fp32 for its retry: decode one call at a time.
+            with self._vae_upcast_lock:
+                if vae.dtype == torch.float16 and vae.config.force_upcast:
+                    image = decode_fp32()  # the original SDXL VAE overflows in fp16
+                else:
+                    image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+                    if finite_latents and not bool(torch.isfinite(image).all()):
+                        logging.getLogger(__name__).warning("VAE decode overflowed in %s; retrying in fp32",
+                                                            vae.dtype)
+                        image = decode_fp32()
+        if not bool(torch.isfinite(image).all()):
+            where = "the denoised latents" if not finite_latents else "the decoded image, even in fp32"
+            raise FloatingPointError(f"The generation produced NaN/inf values in {where}.")
         return self.image_processor.postprocess(image, output_type=output_type)

@@ -4,7 +4,6 @@ One server for the module (the tiny engine and the server start in a few seconds
 called as a person's browser or script would, including the failure paths (no face, a damaged upload).
 """
 
-import socket
 import sys
 import time
 from pathlib import Path
@@ -17,37 +16,22 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from app_server import ASSETS, STEPS, generate, pixels, serve  # noqa: E402
+
 import app  # noqa: E402
 from infinite_id import generation as gen  # noqa: E402
-from infinite_id.engines import TINY_BANNER, load_engine  # noqa: E402
+from infinite_id.engines import TINY_BANNER  # noqa: E402
 from infinite_id.tiny_face import synthetic_face_photo  # noqa: E402
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-STEPS = 2
-ASSETS = ROOT / "assets"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def served():
-    engine = load_engine("tiny")
-    demo = app.build_demo(lambda: engine.pipe, lambda: engine.face_analyzer, engine="tiny", banner=engine.banner)
-    port = free_port()
-    demo.queue(**app.QUEUE_OPTIONS).launch(
-        **app.launch_options("127.0.0.1", port), prevent_thread_lock=True, quiet=True
-    )
-    try:
-        yield demo, f"http://127.0.0.1:{port}/"
-    finally:
-        demo.close()
+    with serve() as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -71,17 +55,6 @@ def photos(tmp_path_factory):
     paths["not_image"] = folder / "notes.png"
     paths["not_image"].write_text("these are my notes, not a photo\n")
     return paths
-
-
-def generate(client, photo, **overrides):
-    kwargs = dict(photo=handle_file(str(photo)), prompt="a person in a garden", style="Watercolor", steps=STEPS,
-                  seed=7, randomize_seed=False, api_name="/generate")
-    kwargs.update(overrides)
-    return client.predict(**kwargs)
-
-
-def pixels(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
 def test_named_endpoints_are_published(client):
