@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import logging
 import os
 import socket
-import threading
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -105,7 +103,7 @@ def load_engine(engine: str = "real", *, models=None, seed: int = 0) -> Engine:
         pipe = tiny_pipeline(seed=seed, face_analyzer=analyzer)
         # A plain attribute, as the real loader's weights_info: recorded in every PNG's metadata.
         pipe.weights_info = {"engine": "tiny", "base_model": "tiny random weights (engine check)", "fast_mode": "off"}
-        return Engine("tiny", serialize_prompt_encoding(pipe), analyzer)
+        return Engine("tiny", pipe, analyzer)
     if engine != "real":
         raise ValueError(f"The engine must be one of {', '.join(ENGINES)}; got {engine!r}.")
     from .hub import MissingWeightsError, offline_requested, startup_check
@@ -118,29 +116,7 @@ def load_engine(engine: str = "real", *, models=None, seed: int = 0) -> Engine:
             raise
         logger.warning("Some weights are not downloaded yet; fetching them now (first start only).")
     pipe = load_pipeline(models=models)
-    return Engine("real", serialize_prompt_encoding(pipe), pipe.face_analyzer)
-
-
-def serialize_prompt_encoding(pipe):
-    """Make ``pipe.encode_prompt`` one call at a time, so the engine can serve several requests at once.
-
-    The tokenizers keep their padding/truncation mode on the shared object: diffusers' ``encode_prompt`` asks for
-    ``max_length`` padding and then ``longest`` (its truncation warning), so two calls at once can get each
-    other's padding: a wrong prompt embedding or a shape error (tests/test_reliability.py found it with 8
-    concurrent requests). Encoding a prompt takes milliseconds; the lock costs nothing at one job at a time.
-    """
-    if getattr(pipe, "_prompt_lock", None) is not None:
-        return pipe
-    lock, encode = threading.Lock(), pipe.encode_prompt
-
-    @functools.wraps(encode)
-    def encode_prompt(*args, **kwargs):
-        with lock:
-            return encode(*args, **kwargs)
-
-    pipe.encode_prompt = encode_prompt  # an instance attribute: __call__'s self.encode_prompt finds it first
-    pipe._prompt_lock = lock
-    return pipe
+    return Engine("real", pipe, pipe.face_analyzer)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -93,7 +93,19 @@ class InfiniteIDPipeline(StableDiffusionXLPipeline):
         # Not a diffusers component (it is onnxruntime, not torch), so it is a plain attribute.
         self.face_analyzer = face_analyzer
         self._vae_upcast_lock = threading.Lock()
+        self._prompt_lock = threading.Lock()
         install_id_processors(unet)
+
+    def encode_prompt(self, *args, **kwargs):
+        """diffusers' prompt encoding, one call at a time.
+
+        The tokenizers keep their padding/truncation mode on the shared object: diffusers' ``encode_prompt`` asks
+        for ``max_length`` padding and then ``longest`` (for its truncation warning), so two calls at once could get
+        each other's padding: a shape error or a silently wrong embedding (found by 8 concurrent requests in
+        tests/test_reliability.py). Encoding takes milliseconds; the lock costs nothing at one job at a time.
+        """
+        with self._prompt_lock:
+            return super().encode_prompt(*args, **kwargs)
 
     # ------------------------------------------------------------------ identity
     @torch.no_grad()

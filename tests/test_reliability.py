@@ -320,7 +320,7 @@ def test_missing_face_models_stop_the_app_at_start_up_not_on_a_request(tmp_path,
 def test_prompt_encoding_is_serialized_so_concurrent_calls_keep_their_own_padding(engine):
     """The bug the concurrency test found: diffusers' encode_prompt switches the shared tokenizers between
     max-length and longest padding, so unserialized concurrent calls got each other's (shape errors, or silently
-    wrong embeddings). ``engines.serialize_prompt_encoding`` makes each call see its own."""
+    wrong embeddings). ``InfiniteIDPipeline.encode_prompt`` holds a lock so each call sees its own."""
     pipe = engine.pipe
     prompts = [("a long prompt " * (30 if i % 2 else 1)) + str(i) for i in range(8)]
 
