@@ -1,0 +1,896 @@
+"""Speed and memory of Infinite-ID against plain SDXL, on the real SDXL architecture with random weights.
+
+Nothing is downloaded: the SDXL base UNet, the SDXL VAE and both text encoders are built from their published
+configs (written out below) with random weights, so every timing is that of the real model. The tokenizers are
+the repo's tiny fixture (its vocabulary size goes into the text configs); prompts are padded to 77 tokens either
+way, so the text encoders do the same work as with the real vocabulary (which only changes an embedding lookup).
+The identity is a precomputed random token tensor ``[1, 261, 2048]`` passed as ``id_embeds``: face analysis and
+the CLIP image tower run once per photo, not per step (``--id-encoder`` times the mappers and the ViT-H tower).
+
+Modes (``--modes``, comma separated):
+  plain               diffusers' own StableDiffusionXLPipeline, its default AttnProcessor2_0, CFG (batch 2)
+  infinite-id         faithful: batch [text_u, id_u, text_c, id_c], mixed attention on every step
+  infinite-id-window  mix_window (0, 0.5) + return_text_images=False: the text stream leaves after the window
+  infinite-id-cfg0.8  faithful with CFG truncation at 80% of the steps (changes the image slightly)
+  adapter             one stream, text + identity cross-attention (the IP-Adapter baseline)
+  text                our pipeline with method="text" (plain SDXL through our processors)
+  MODE+proto          MODE with the prototype processors of benchmarks/attention_proto.py (its options 1-4)
+  MODE+proto-kv       the same plus option 5 (text K/V computed once per call, which plain SDXL could do too)
+
+Every mode shares one set of weights; each pipeline has its own UNet module tree over them (with its own
+processors), so nothing is swapped between calls. Timed rounds are interleaved (ABAB...): each round runs every
+mode once, so machine noise hits all modes alike, and each ratio is the median over rounds of (mode / plain of
+the same round). Per-step time is the UNet forward alone (hooks around it, device-synchronised); end-to-end is
+the whole pipeline call (prompt encoding, steps, decode). On a CPU with ``--threads 1`` the thread CPU time is
+reported beside wall time (steadier on a shared machine). Peak memory: on CUDA the allocator's peak during the
+call (total, and above what was allocated before it); on CPU the process RSS sampled every 5 ms during the call,
+minus the RSS before it (the process-wide ru_maxrss is reported as well, and ``--isolate`` runs each mode in its
+own process when that matters). ``--flops`` counts each batch layout's FLOPs on the meta device (exact, free).
+
+Examples:
+  python benchmarks/speed.py --quick                                   # tiny components, seconds
+  python benchmarks/speed.py --device cpu --dtype bf16 --resolution 512 --steps 2 --repeats 2 --threads 1 \\
+      --warmup-steps 1 --skip-vae --modes plain,infinite-id,infinite-id-window,infinite-id+proto --flops
+  python benchmarks/speed.py --device cuda --dtype fp16 --resolution 1024 --steps 30   # see benchmarks/gpu.sh
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import diffusers  # noqa: E402
+import psutil  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+
+import infinite_id.attention as id_attention  # noqa: E402
+from infinite_id import fast as fast_modes  # noqa: E402
+from infinite_id import testing  # noqa: E402
+from infinite_id.id_encoder import IdentityFeatures, InfiniteIDEncoder  # noqa: E402
+from infinite_id.pipeline import InfiniteIDPipeline  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------- the model
+
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (defaults of UNet2DConditionModel left out).
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),  # diffusers' name for the head *count* here: 64 channels per head
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + 1280 pooled text
+    norm_num_groups=32,
+    norm_eps=1e-5,
+)
+# The SDXL VAE (madebyollin/sdxl-vae-fp16-fix has the same architecture and force_upcast=False: it decodes in fp16).
+SDXL_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.13025,
+    force_upcast=False,
+)
+# text_encoder: OpenAI CLIP ViT-L/14 text tower; text_encoder_2: OpenCLIP ViT-bigG/14 text tower with projection.
+CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, layer_norm_eps=1e-5)
+BIGG_TEXT = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                 max_position_embeddings=77, hidden_act="gelu", projection_dim=1280, layer_norm_eps=1e-5)
+# The identity adapters' CLIP image tower (OpenCLIP ViT-H/14), for --id-encoder.
+VIT_H_IMAGE = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                   image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5)
+
+PROMPT = "a photo of a woman wearing a yellow sweater in Times Square, detailed, 35mm"
+NEGATIVE = "blurry, lowres, deformed"
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    name: str
+    pipeline: str  # "plain" (diffusers' SDXL pipeline) or "ours"
+    kwargs: dict
+    note: str
+    proto: bool = False  # the prototype processors (benchmarks/attention_proto.py, options 1-4)
+    text_kv: bool = False  # and their option 5: text K/V once per call
+
+
+BASE_MODES = {
+    "plain": Mode("plain", "plain", {}, "diffusers StableDiffusionXLPipeline, AttnProcessor2_0"),
+    "infinite-id": Mode("infinite-id", "ours", {"method": "infinite-id"}, "faithful 4-row batch, mixing every step"),
+    "infinite-id-window": Mode(
+        "infinite-id-window", "ours",
+        {"method": "infinite-id", "mix_window": (0.0, 0.5), "return_text_images": False},
+        "window (0, 0.5), text stream dropped after it",
+    ),
+    "infinite-id-cfg0.8": Mode("infinite-id-cfg0.8", "ours", {"method": "infinite-id", "cfg_cutoff": 0.8},
+                               "faithful + CFG truncation at 0.8"),
+    "adapter": Mode("adapter", "ours", {"method": "adapter"}, "one stream, text + identity cross-attention"),
+    "text": Mode("text", "ours", {"method": "text"}, "our pipeline, method='text'"),
+}
+DEFAULT_MODES = "plain,infinite-id,infinite-id-window,infinite-id-cfg0.8,adapter,text"
+
+
+def parse_mode(name: str) -> Mode:
+    base, _, suffix = name.partition("+")
+    if base not in BASE_MODES or suffix not in ("", "proto", "proto-kv") or (suffix and BASE_MODES[base].pipeline != "ours"):
+        raise SystemExit(f"Unknown mode {name!r}; choose from {', '.join(BASE_MODES)} (ours may end in +proto or "
+                         "+proto-kv).")
+    mode = BASE_MODES[base]
+    if not suffix:
+        return mode
+    note = mode.note + (", prototype processors" if suffix == "proto" else ", prototype processors + text K/V cache")
+    return dataclasses.replace(mode, name=name, proto=True, text_kv=suffix == "proto-kv", note=note)
+
+
+@contextlib.contextmanager
+def constructing(device: torch.device, dtype: torch.dtype):
+    """Build modules directly on ``device`` in ``dtype``: no fp32 copy of 2.6B parameters ever exists."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@dataclasses.dataclass
+class Engine:
+    unet: torch.nn.Module
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    id_encoder: InfiniteIDEncoder
+    id_tokens: torch.Tensor
+    device: torch.device
+    dtype: torch.dtype
+    tiny: bool
+
+
+def build_engine(device: torch.device, dtype: torch.dtype, tiny: bool, seed: int = 0) -> Engine:
+    """The SDXL components with seeded random weights (``tiny``: the repo's tiny test components instead)."""
+    torch.manual_seed(seed)
+    vocab = len(testing.tiny_tokenizer())
+    ids = dict(vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    with constructing(device, dtype):
+        if tiny:
+            unet, vae, id_encoder = testing.tiny_unet(), testing.tiny_vae(), testing.tiny_id_encoder()
+            text_encoder = CLIPTextModel(testing._text_config(vocab))
+            text_encoder_2 = CLIPTextModelWithProjection(testing._text_config(vocab))
+        else:
+            unet = UNet2DConditionModel(**SDXL_UNET)
+            vae = AutoencoderKL(**SDXL_VAE)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT, **ids))
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**BIGG_TEXT, **ids))
+            id_encoder = InfiniteIDEncoder()  # SDXL sizes: 4 face + 257 CLIP tokens of 2048
+    for module in (unet, vae, text_encoder, text_encoder_2, id_encoder):
+        module.eval().requires_grad_(False)
+        if any(p.dtype != dtype or p.device.type != device.type for p in module.parameters()):
+            module.to(device=device, dtype=dtype)  # only if something was built elsewhere (diffusers warns on to())
+    tokens = torch.randn(1, id_encoder.num_tokens, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(seed))
+    return Engine(unet, vae, text_encoder, text_encoder_2, id_encoder, tokens.to(device, dtype), device, dtype, tiny)
+
+
+def parameter_bytes(*modules: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+# ----------------------------------------------------------------------------------------------- measuring
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_time_counts(device: torch.device) -> bool:
+    """On a CPU with one torch thread, all compute runs on the calling thread: its CPU time is the work done,
+    whatever else the machine runs meanwhile (wall time on a shared machine is not)."""
+    return device.type == "cpu" and torch.get_num_threads() == 1
+
+
+class UNetTimer:
+    """Times every UNet forward (device-synchronised hooks) and keeps the first call's inputs per batch size.
+    ``calls``: (batch, wall seconds, thread CPU seconds) per forward."""
+
+    def __init__(self, modules: list[torch.nn.Module], device: torch.device):
+        self.device = device
+        self.calls: list[tuple[int, float, float]] = []
+        self.captured: dict[tuple[int, bool], tuple[tuple, dict]] = {}
+        self.capture = False
+        self._start = self._cpu = 0.0
+        self._handles = []
+        for module in modules:
+            self._handles += [module.register_forward_pre_hook(self._pre, with_kwargs=True),
+                              module.register_forward_hook(self._post)]
+
+    def _pre(self, module, args, kwargs):
+        synchronize(self.device)
+        if self.capture:
+            call = (kwargs.get("cross_attention_kwargs") or {}).get("id_call")
+            key = (args[0].shape[0], bool(call is not None and call.text_rows is not None and call.mixing))
+            self.captured.setdefault(key, (args, dict(kwargs)))
+        self._start, self._cpu = time.perf_counter(), time.thread_time()
+
+    def _post(self, module, args, output):
+        synchronize(self.device)
+        self.calls.append((args[0].shape[0], time.perf_counter() - self._start, time.thread_time() - self._cpu))
+
+    def reset(self) -> None:
+        self.calls = []
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+class PeakMemory:
+    """Peak memory during a block: CUDA allocator peak, or RSS sampled by a thread on CPU."""
+
+    def __init__(self, device: torch.device, interval: float = 0.005):
+        self.device, self.interval = device, interval
+        self.peak = self.before = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+        else:
+            self._process = psutil.Process()
+            self.before = self.peak = self._process.memory_info().rss
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._process.memory_info().rss)
+        return False
+
+
+def shared_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree that shares every parameter and buffer with ``module`` (no weight memory).
+
+    Each processor set lives on its own copy for good: swapping processors on one UNet would mutate its module
+    dicts, which invalidates torch.compile's guards (a recompile at every switch).
+    """
+    memo = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return copy.deepcopy(module, memo)
+
+
+def key_of(mode: Mode) -> str:
+    return "plain" if mode.pipeline == "plain" else "proto" if mode.proto else "ours"
+
+
+class Bench:
+    """The pipelines of the modes over one set of weights: diffusers' SDXL pipeline on a UNet copy with stock
+    processors, ours on the UNet with our processors, and (for +proto modes) ours on a copy with the prototype's."""
+
+    def __init__(self, engine: Engine, args: argparse.Namespace, modes: list[Mode]):
+        self.engine, self.args, self.modes = engine, args, modes
+        device = torch.device(args.device)
+        scheduler = fast_modes.scheduler_for(fast_modes.fast_mode(args.fast), testing.tiny_scheduler().config)
+        parts = dict(vae=engine.vae, text_encoder=engine.text_encoder, text_encoder_2=engine.text_encoder_2,
+                     tokenizer=testing.tiny_tokenizer(), tokenizer_2=testing.tiny_tokenizer())
+        needed = {key_of(m) for m in modes}
+        self.pipes: dict[str, object] = {}
+        if "plain" in needed:
+            unet = shared_copy(engine.unet) if needed - {"plain"} else engine.unet
+            unet.set_attn_processor(XFormersAttnProcessor() if args.attention == "xformers" else AttnProcessor2_0())
+            self.pipes["plain"] = StableDiffusionXLPipeline(**parts, unet=unet, scheduler=scheduler,
+                                                            add_watermarker=False)
+        if needed & {"ours", "proto"}:
+            # The constructor adds the identity K/V projections (341M parameters at SDXL size): build them in place.
+            with constructing(engine.unet.device, engine.dtype):
+                self.pipes["ours"] = InfiniteIDPipeline(**parts, unet=engine.unet, scheduler=scheduler,
+                                                        id_encoder=engine.id_encoder)
+        if "proto" in needed:
+            import attention_proto
+
+            unet = shared_copy(engine.unet)  # shares the identity K/V weights too
+            attention_proto.install_fast_processors(unet)
+            self.pipes["proto"] = InfiniteIDPipeline(**parts, unet=unet, scheduler=scheduler,
+                                                     id_encoder=engine.id_encoder)
+        for pipe in self.pipes.values():
+            pipe.set_progress_bar_config(disable=True)
+        self._place()
+        self.eager_unets = {key: pipe.unet for key, pipe in self.pipes.items()}
+        if args.compile != "off":
+            for pipe in self.pipes.values():
+                pipe.unet = torch.compile(pipe.unet, mode=None if args.compile == "default" else args.compile)
+        self.timer = UNetTimer([pipe.unet for pipe in self.pipes.values()], device)
+
+    def _place(self) -> None:
+        memory = self.args.memory
+        for pipe in self.pipes.values():
+            if self.args.vae_slicing:
+                pipe.vae.enable_slicing()
+            if self.args.vae_tiling:
+                pipe.vae.enable_tiling()
+            if memory == "none":
+                continue
+            # As infinite_id.loading does: the small ID encoder is called with a dataclass accelerate cannot move.
+            pipe._exclude_from_cpu_offload = [*getattr(pipe, "_exclude_from_cpu_offload", []), "id_encoder"]
+            if memory == "model":
+                pipe.enable_model_cpu_offload(device=self.args.device)
+            else:
+                pipe.enable_sequential_cpu_offload(device=self.args.device)
+
+    def call(self, mode: Mode, steps: int) -> dict:
+        """One pipeline call of ``mode``: its UNet calls, end-to-end time and peak memory."""
+        import attention_proto
+
+        args = self.args
+        pipe = self.pipes[key_of(mode)]
+        kwargs = dict(
+            prompt=PROMPT, negative_prompt=NEGATIVE, height=args.resolution, width=args.resolution,
+            num_inference_steps=steps, guidance_scale=args.guidance, generator=torch.Generator().manual_seed(0),
+            output_type="latent" if args.skip_vae else "pil",
+        )
+        if mode.pipeline == "ours":
+            kwargs.update(id_embeds=self.engine.id_tokens, **mode.kwargs)
+        patch = attention_proto.patched(text_kv=mode.text_kv) if mode.proto else contextlib.nullcontext()
+        self.timer.reset()
+        device = self.timer.device
+        error = None
+        with patch, PeakMemory(device) as memory:
+            synchronize(device)
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            try:
+                pipe(**kwargs)
+            except FloatingPointError as exc:
+                # Our pipeline refuses NaN/inf images (random weights could overflow fp16); diffusers' returns them.
+                # The time up to the refusal is the same work, so it is kept, and the row is flagged.
+                error = str(exc)
+            synchronize(device)
+            e2e, e2e_cpu = time.perf_counter() - start, time.thread_time() - start_cpu
+        calls = list(self.timer.calls)
+        steps = max(len(calls), 1)
+        unet_total, unet_cpu = sum(c[1] for c in calls), sum(c[2] for c in calls)
+        sample = {"e2e_s": e2e, "unet_s": unet_total, "unet_step_s": unet_total / steps,
+                  "unet_calls": [round(c[1], 4) for c in calls], "unet_batches": [c[0] for c in calls],
+                  "peak_bytes": memory.peak, "peak_above_start_bytes": memory.peak - memory.before, "error": error}
+        if cpu_time_counts(device):
+            sample.update(e2e_cpu_s=e2e_cpu, unet_cpu_s=unet_cpu, unet_step_cpu_s=unet_cpu / steps,
+                          unet_calls_cpu=[round(c[2], 4) for c in calls])
+        return sample
+
+
+def explain_graph_breaks(bench: Bench, modes: list[Mode]) -> dict:
+    """torch._dynamo.explain on the exact UNet inputs of each mode (captured from a 2-step call)."""
+    report = {}
+    warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
+    bench.timer.capture = True
+    for mode in modes:
+        bench.timer.captured = {}
+        bench.call(mode, steps=2)
+        for (batch, mixing), (args, kwargs) in bench.timer.captured.items():
+            torch._dynamo.reset()
+            # Explain the eager UNet's forward: the timing hooks would otherwise be traced (and break graphs). The
+            # captured IDCall is already the prototype's for +proto modes.
+            result = torch._dynamo.explain(bench.eager_unets[key_of(mode)].forward)(*args, **kwargs)
+            reasons = sorted({f"{r.reason.splitlines()[0][:120]} @ {_where(r)}" for r in result.break_reasons})
+            report[f"{mode.name} batch {batch}{' mixing' if mixing else ''}"] = {
+                "graphs": result.graph_count, "graph_breaks": result.graph_break_count, "reasons": reasons}
+    bench.timer.capture = False
+    torch._dynamo.reset()
+    return report
+
+
+def _where(reason) -> str:
+    frame = reason.user_stack[-1] if reason.user_stack else None
+    return f"{Path(frame.filename).name}:{frame.lineno} {frame.name}" if frame else "?"
+
+
+def time_id_encoder(engine: Engine, with_tower: bool) -> dict:
+    """Per-photo cost: the ID encoder's mappers on raw features, and (``with_tower``) the CLIP ViT-H image tower."""
+    encoder, device, dtype = engine.id_encoder, engine.device, engine.dtype
+    features = IdentityFeatures(face=torch.randn(1, encoder.face_dim, device=device, dtype=dtype),
+                                clip=torch.randn(1, encoder.clip_tokens, encoder.clip_dim, device=device, dtype=dtype))
+    result = {}
+    with torch.no_grad():
+        result["mappers_s"] = _best_of(lambda: encoder(features), device)
+        if with_tower and not engine.tiny:
+            with constructing(device, dtype):
+                tower = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H_IMAGE)).eval()
+            pixels = torch.randn(1, 3, 224, 224, device=device, dtype=dtype)
+            result["clip_vit_h_s"] = _best_of(lambda: tower(pixels, output_hidden_states=True), device)
+            del tower
+    return result
+
+
+def time_vae_decode(engine: Engine, resolution: int) -> float:
+    """One decode of one image (what --skip-vae leaves out of each call), for the projections in the table."""
+    latents = torch.randn(1, 4, resolution // 8, resolution // 8, device=engine.device, dtype=engine.dtype)
+    with torch.no_grad():
+        synchronize(engine.device)
+        start = time.perf_counter()
+        engine.vae.decode(latents / engine.vae.config.scaling_factor, return_dict=False)
+        synchronize(engine.device)
+    return time.perf_counter() - start
+
+
+def _best_of(fn, device: torch.device, repeats: int = 3) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def count_flops(resolution: int) -> dict:
+    """UNet TFLOP per step of each batch layout, counted on the meta device (no compute, no memory, exact).
+
+    Ours runs through the prototype processors (the package's call ``nonzero()``, which meta tensors cannot do);
+    their maths is the package's. The first call of a layout counts what the package pays at every step; a second
+    call with the same inputs finds the prototype's per-call caches filled (identity K/V; text K/V with option 5).
+    """
+    import attention_proto
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dtype, latent = torch.bfloat16, resolution // 8
+    with constructing(torch.device("meta"), dtype):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        stock = shared_copy(unet)
+        stock.set_attn_processor(AttnProcessor2_0())
+        id_attention.install_id_processors(unet)
+        tokens = torch.randn(2, 261, 2048, dtype=dtype)
+    attention_proto.install_fast_processors(unet)
+
+    def inputs(batch: int) -> tuple[tuple, dict]:
+        with torch.device("meta"):
+            added = {"text_embeds": torch.randn(batch, 1280, dtype=dtype), "time_ids": torch.randn(batch, 6, dtype=dtype)}
+            return ((torch.randn(batch, 4, latent, latent, dtype=dtype), torch.tensor(500.0)),
+                    {"encoder_hidden_states": torch.randn(batch, 77, 2048, dtype=dtype), "added_cond_kwargs": added})
+
+    def tflop(module, args, kwargs) -> float:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            module(*args, **kwargs)
+        return counter.get_total_flops() / 1e12
+
+    layouts = {"faithful (batch 4, mixing)": (4, dict(id_rows=torch.tensor([1, 3]), text_rows=torch.tensor([0, 2]))),
+               "identity stream only (batch 2: adapter, after the window)": (2, dict(id_rows=torch.tensor([0, 1])))}
+    result = {"plain CFG (batch 2)": tflop(stock, *inputs(2)), "two streams, no identity (batch 4)": tflop(stock, *inputs(4))}
+    for name, (batch, rows) in layouts.items():
+        args, kwargs = inputs(batch)
+        for label, text_kv in (("", False), (", text K/V cached", True)):
+            with attention_proto.patched(text_kv=text_kv):
+                kwargs["cross_attention_kwargs"] = {"id_call": attention_proto.FastIDCall.build(id_tokens=tokens, **rows)}
+                first, again = tflop(unet, args, kwargs), tflop(unet, args, kwargs)
+            if not text_kv:
+                result[f"{name}: package (identity K/V every step)"] = first
+            result[f"{name}: identity K/V cached{label}"] = again
+    plain = result["plain CFG (batch 2)"]
+    table = {name: {"tflop": round(v, 3), "x_plain": round(v / plain, 3)} for name, v in result.items()}
+
+    # Per image, 30 steps: prompt encoding (both encoders, prompt and negative prompt) + steps + decodes.
+    with constructing(torch.device("meta"), dtype):
+        vae = AutoencoderKL(**SDXL_VAE)
+        encoders = [CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT, vocab_size=49408)),
+                    CLIPTextModelWithProjection(CLIPTextConfig(**BIGG_TEXT, vocab_size=49408))]
+        ids = torch.zeros(2, 77, dtype=torch.long)
+        decode = tflop(vae.decode, (torch.randn(1, 4, latent, latent, dtype=dtype),), {})
+        prompts = sum(tflop(encoder, (ids,), {"output_hidden_states": True}) for encoder in encoders)
+    faithful, after = "faithful (batch 4, mixing)", "identity stream only (batch 2: adapter, after the window)"
+    steps = 30
+    per_image = {"plain": prompts + steps * plain + decode}
+    for label in (": package (identity K/V every step)", ": identity K/V cached"):
+        per_image[f"faithful{label}"] = prompts + steps * result[faithful + label] + 2 * decode  # both images
+        window = steps / 2 * (result[faithful + label] + result[after + label])
+        per_image[f"window (0, 0.5) + text-stream skip{label}"] = prompts + window + decode
+    table["per image, 30 steps"] = {name: {"tflop": round(v, 2), "x_plain": round(v / per_image["plain"], 3)}
+                                    for name, v in per_image.items()}
+    table["vae decode (one image)"] = {"tflop": round(decode, 3), "x_plain": round(decode / plain, 3)}
+    table["prompt encoding (both encoders, 2 prompts)"] = {"tflop": round(prompts, 3),
+                                                            "x_plain": round(prompts / plain, 3)}
+    return table
+
+
+# ----------------------------------------------------------------------------------------------- running
+
+
+def run(args: argparse.Namespace, modes: list[Mode]) -> dict:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.attention == "sdpa":
+        # Our processors pick xformers by themselves when it is installed; keep both sides on SDPA unless asked.
+        id_attention._xformers_usable = lambda q: False
+    # Built on the device even for the offload modes (random init is fast there); enabling offload moves it out.
+    start = time.perf_counter()
+    engine = build_engine(device, dtype, tiny=args.quick)
+    build_s = time.perf_counter() - start
+    if args.channels_last:
+        engine.unet.to(memory_format=torch.channels_last)
+    bench = Bench(engine, args, modes)
+    info = {"build_s": round(build_s, 1),
+            "weights_gb": round(parameter_bytes(engine.unet, engine.vae, engine.text_encoder,
+                                                engine.text_encoder_2, engine.id_encoder) / 1e9, 2)}
+    if args.explain:
+        info["graph_breaks"] = explain_graph_breaks(bench, modes)
+
+    # Warm-up (one-off kernel selection, compilation): every mode once, with enough steps to see each batch layout.
+    warmup = {}
+    for mode in modes if args.warmup_steps else []:
+        sample = bench.call(mode, args.warmup_steps)
+        warmup[mode.name] = round(sample["e2e_s"], 2)
+    rounds: list[dict[str, dict]] = []
+    for _ in range(args.repeats):
+        rounds.append({mode.name: bench.call(mode, args.steps) for mode in modes})
+    info["warmup_e2e_s"] = warmup
+    if args.skip_vae and not args.quick:
+        info["vae_decode_s"] = time_vae_decode(engine, args.resolution)
+    if args.id_encoder:
+        info["id_encoder"] = time_id_encoder(engine, with_tower=True)
+    bench.timer.remove()
+    info["ru_maxrss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return {"rounds": rounds, "info": info}
+
+
+def decodes(mode: Mode) -> int:
+    """Images the VAE decodes per call: the faithful two-stream call also returns the text stream's image."""
+    two = mode.kwargs.get("method") == "infinite-id" and mode.kwargs.get("return_text_images", True)
+    return 2 if two else 1
+
+
+def summarise(rounds: list[dict[str, dict]], modes: list[Mode], info: dict, project_steps: int = 30) -> dict:
+    """Medians over rounds; ratios are the median over rounds of (mode / plain of the same round).
+
+    With the decode skipped and timed once (``info["vae_decode_s"]``), each mode also gets a projected time per
+    image at ``project_steps`` steps with its decodes: other work + steps x UNet time per step + decodes x decode.
+    """
+    summary = {}
+    vae = info.get("vae_decode_s")
+    for mode in modes:
+        samples = [r[mode.name] for r in rounds if mode.name in r]
+        entry = {
+            "note": mode.note,
+            "unet_step_s": statistics.median(s["unet_step_s"] for s in samples),
+            "unet_s": statistics.median(s["unet_s"] for s in samples),
+            "e2e_s": statistics.median(s["e2e_s"] for s in samples),
+            "unet_batches": samples[0]["unet_batches"],
+            "peak_bytes": max(s["peak_bytes"] for s in samples),
+            "peak_above_start_bytes": max(s["peak_above_start_bytes"] for s in samples),
+            "samples": samples,
+            "errors": sorted({s["error"] for s in samples if s.get("error")}),
+        }
+        if vae is not None:
+            entry["projected_s"] = (entry["e2e_s"] - entry["unet_s"] + project_steps * entry["unet_step_s"]
+                                    + decodes(mode) * vae)
+        cpu = all("unet_step_cpu_s" in s for s in samples)
+        if cpu:
+            entry["unet_step_cpu_s"] = statistics.median(s["unet_step_cpu_s"] for s in samples)
+            entry["e2e_cpu_s"] = statistics.median(s["e2e_cpu_s"] for s in samples)
+        paired = [r for r in rounds if "plain" in r and mode.name in r]
+        if paired:
+            entry["step_vs_plain"] = _paired_ratio(paired, mode.name, "unet_step_s")
+            entry["e2e_vs_plain"] = _paired_ratio(paired, mode.name, "e2e_s")
+            if cpu and all("unet_step_cpu_s" in r["plain"] for r in paired):
+                entry["step_vs_plain_cpu"] = _paired_ratio(paired, mode.name, "unet_step_cpu_s")
+                entry["e2e_vs_plain_cpu"] = _paired_ratio(paired, mode.name, "e2e_cpu_s")
+        summary[mode.name] = entry
+    if vae is not None and "plain" in summary:
+        for entry in summary.values():
+            entry["projected_vs_plain"] = entry["projected_s"] / summary["plain"]["projected_s"]
+    return summary
+
+
+def _paired_ratio(rounds: list[dict[str, dict]], name: str, key: str) -> float:
+    """Median over rounds of (mode / plain of the same round)."""
+    return statistics.median(r[name][key] / r["plain"][key] for r in rounds)
+
+
+def run_isolated(args: argparse.Namespace, modes: list[Mode]) -> dict:
+    """Each mode in its own process (honest process-wide memory; required by the offload modes). Not interleaved."""
+    rounds: list[dict[str, dict]] = [{} for _ in range(args.repeats)]
+    infos = {}
+    for mode in modes:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "mode.json"
+            child = [sys.executable, str(Path(__file__).resolve()), *_child_argv(args), "--modes", mode.name,
+                     "--json", str(out), "--no-results", "--child"]
+            subprocess.run(child, check=True)
+            data = json.loads(out.read_text())
+        for i, sample in enumerate(data["raw_rounds"]):
+            rounds[i][mode.name] = sample[mode.name]
+        infos[mode.name] = data["info"]
+    return {"rounds": rounds, "info": {"per_mode": infos}}
+
+
+def _child_argv(args: argparse.Namespace) -> list[str]:
+    skip = {"modes", "json", "results", "no_results", "isolate", "child"}
+    argv = []
+    for key, value in vars(args).items():
+        if key in skip or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+# ----------------------------------------------------------------------------------------------- reporting
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    name = platform.processor() or "CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}"
+
+
+def _verdict(entry: dict, key: str, bar: float) -> str:
+    """``wall`` (and ``CPU time`` where measured) ratio against ``bar``."""
+    parts = []
+    for label, k in (("wall", key), ("CPU time", key + "_cpu")):
+        if k in entry:
+            parts.append(f"{label} **{entry[k]:.3f}** ({'pass' if entry[k] <= bar else 'FAIL'})")
+    return ", ".join(parts)
+
+
+def bars(summary: dict, skip_vae: bool) -> list[str]:
+    """The issue's bars, where the modes that they concern were measured (and the prototype's figures)."""
+    lines = []
+    decode = ", VAE decode skipped" if skip_vae else ""
+    for name, label in (("infinite-id", "faithful, full window"), ("infinite-id+proto", "prototype processors"),
+                        ("infinite-id+proto-kv", "prototype + text K/V cache")):
+        if name in summary and "step_vs_plain" in summary[name]:
+            lines.append(f"per-step ratio, {name} ({label}) / plain CFG, bar <= 2.15: "
+                         f"{_verdict(summary[name], 'step_vs_plain', 2.15)}")
+    for name, label in (("infinite-id-window", "window (0, 0.5) + text-stream skip"),
+                        ("infinite-id-window+proto", "the same, prototype processors"),
+                        ("infinite-id-window+proto-kv", "the same, prototype + text K/V cache")):
+        if name in summary and "e2e_vs_plain" in summary[name]:
+            e = summary[name]
+            line = f"end-to-end ratio, {name} ({label}{decode}) / plain, bar <= 1.6: {_verdict(e, 'e2e_vs_plain', 1.6)}"
+            if "projected_vs_plain" in e:
+                line += f"; projected to 30 steps with the decode (wall): {e['projected_vs_plain']:.3f}"
+            lines.append(line)
+    return lines
+
+
+def markdown(result: dict) -> str:
+    s, summary = result["settings"], result["summary"]
+    gb = 1e9
+    mem = "peak GPU alloc GB (above start)" if s["device"].startswith("cuda") else "peak RSS GB (above start)"
+    lines = [
+        f"### {result['date']}: {s['device_name']}, {s['dtype']}, {s['resolution']}², {s['steps']} steps",
+        "",
+        f"- command: `{result['command']}`",
+        f"- versions: torch {result['versions']['torch']}, diffusers {result['versions']['diffusers']}, "
+        f"transformers {result['versions']['transformers']}, python {result['versions']['python']}",
+        f"- model: {'TINY test components (sanity run, not SDXL)' if s['quick'] else 'SDXL base architecture, random weights'}"
+        f"; guidance {s['guidance']}; VAE decode {'skipped' if s['skip_vae'] else 'included'}; attention {s['attention']}; "
+        f"compile {s['compile']}; channels_last {s['channels_last']}; memory {s['memory']}"
+        f"{'; VAE slicing' if s['vae_slicing'] else ''}{'; VAE tiling' if s['vae_tiling'] else ''}"
+        f"{'; fast mode ' + s['fast'] if s['fast'] != 'off' else ''}",
+        f"- {s['repeats']} timed rounds{' interleaved' if not s['isolate'] else ' (modes in separate processes)'}, "
+        f"warm-up {s['warmup_steps']} steps per mode; load average before/after: {s['load_before']} / {s['load_after']}",
+        "",
+    ]
+    cpu = all("unet_step_cpu_s" in e for e in summary.values())
+    head = "| mode | UNet batch per step | UNet s/step | step × plain | s/image | image × plain |"
+    head += " UNet CPU-s/step | step × plain (CPU time) | image × plain (CPU time) |" if cpu else ""
+    lines += [f"{head} {mem} |", "|" + " --- |" * (head.count("|"))]
+    fmt = lambda e, key: f"{e[key]:.3f}" if key in e else "-"  # noqa: E731
+    for name, e in summary.items():
+        row = (f"| {name} | {_batches(e['unet_batches'])} | {e['unet_step_s']:.3f} | {fmt(e, 'step_vs_plain')} | "
+               f"{e['e2e_s']:.2f} | {fmt(e, 'e2e_vs_plain')} |")
+        if cpu:
+            row += f" {e['unet_step_cpu_s']:.3f} | {fmt(e, 'step_vs_plain_cpu')} | {fmt(e, 'e2e_vs_plain_cpu')} |"
+        lines.append(f"{row} {e['peak_bytes'] / gb:.2f} ({e['peak_above_start_bytes'] / gb:.2f}) |")
+    lines.append("")
+    lines += [f"- {line}" for line in bars(summary, s["skip_vae"])]
+    lines += [f"- {name}: ERROR {'; '.join(e['errors'])}" for name, e in summary.items() if e.get("errors")]
+    info = result["info"]
+    if "vae_decode_s" in info:
+        projected = ", ".join(f"{k} {v['projected_s']:.1f} s ({v['projected_vs_plain']:.3f})"
+                              for k, v in summary.items() if "projected_vs_plain" in v)
+        lines.append(f"- one VAE decode: {info['vae_decode_s']:.2f} s; projected s/image at 30 steps with decode "
+                     f"(x plain): {projected}")
+    if "flops" in info:
+        flops = dict(info["flops"])
+        per_image = flops.pop("per image, 30 steps")
+        lines.append(f"- TFLOP per UNet step at {s['resolution']}² (counted on the meta device; x plain CFG step): "
+                     + "; ".join(f"{name} {v['tflop']:.2f} ({v['x_plain']:.3f})" for name, v in flops.items()))
+        lines.append("- TFLOP per image at 30 steps, prompt encoding and decodes included (x plain): "
+                     + "; ".join(f"{name} {v['tflop']:.1f} ({v['x_plain']:.3f})" for name, v in per_image.items()))
+    if "id_encoder" in info:
+        lines.append("- per photo (not per step): " + ", ".join(f"{k} {v:.4f} s" for k, v in info["id_encoder"].items()))
+    if "graph_breaks" in info:
+        for key, g in info["graph_breaks"].items():
+            why = "; ".join(g["reasons"][:3])
+            lines.append(f"- dynamo explain, {key}: {g['graphs']} graphs, {g['graph_breaks']} graph breaks"
+                         f"{' (' + why + ')' if why else ''}")
+    if "per_mode" in info:  # --isolate: one process per mode
+        lines.append("- per process (one per mode): " + ", ".join(
+            f"{name} weights {i['weights_gb']} GB, ru_maxrss {i['ru_maxrss_gb']:.2f} GB"
+            for name, i in info["per_mode"].items()))
+    elif s["device"] == "cpu":
+        lines.append(f"- process-wide peak RSS (ru_maxrss): {info['ru_maxrss_gb']:.2f} GB "
+                     f"(weights {info['weights_gb']} GB)")
+    return "\n".join(lines) + "\n"
+
+
+def _batches(batches: list[int]) -> str:
+    """``[4, 4, 2, 2]`` -> ``4 x2, 2 x2``."""
+    parts, last, count = [], None, 0
+    for b in [*batches, None]:
+        if b == last:
+            count += 1
+            continue
+        if last is not None:
+            parts.append(f"{last} x{count}")
+        last, count = b, 1
+    return ", ".join(parts)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, bf16 on CPU")
+    p.add_argument("--resolution", type=int, default=None, help="default: 1024 on CUDA, 512 on CPU, 64 with --quick")
+    p.add_argument("--steps", type=int, default=None, help="default: 30 (or the fast mode's steps)")
+    p.add_argument("--guidance", type=float, default=None, help="default: 5.0 (or the fast mode's)")
+    p.add_argument("--repeats", type=int, default=2, help="timed rounds (each runs every mode once)")
+    p.add_argument("--warmup-steps", type=int, default=2, help="steps of the untimed warm-up call per mode (0: none)")
+    p.add_argument("--modes", default=DEFAULT_MODES)
+    p.add_argument("--json", type=Path, help="write the full result here")
+    p.add_argument("--results", type=Path, help="append the markdown table here (default: benchmarks/RESULTS.md; "
+                                                "not for --quick unless given)")
+    p.add_argument("--no-results", action="store_true", help="append no markdown table")
+    p.add_argument("--skip-vae", action="store_true", help="output latents: no VAE decode in the end-to-end time")
+    p.add_argument("--quick", action="store_true", help="tiny components: a sanity run in seconds, not a measurement")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--attention", choices=("sdpa", "xformers"), default="sdpa")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", choices=("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
+                   default="off", help="torch.compile the UNet (our processors inside the graph)")
+    p.add_argument("--explain", action="store_true", help="count dynamo graph breaks per mode (torch._dynamo.explain)")
+    p.add_argument("--flops", action="store_true", help="also count UNet FLOPs per step of each batch layout (meta "
+                                                        "device: exact and free)")
+    p.add_argument("--memory", choices=("none", "model", "sequential"), default="none",
+                   help="CPU offload (CUDA only; runs each mode in its own process)")
+    p.add_argument("--vae-slicing", action="store_true")
+    p.add_argument("--vae-tiling", action="store_true")
+    p.add_argument("--fast", choices=("off", *fast_modes.FAST_MODES), default="off",
+                   help="a fast mode's scheduler, steps and guidance (its LoRA is fused: no cost of its own)")
+    p.add_argument("--id-encoder", action="store_true", help="also time the ID encoder and the CLIP ViT-H tower")
+    p.add_argument("--isolate", action="store_true", help="each mode in its own process (not interleaved)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    cuda = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("fp16" if cuda else "bf16")
+    args.resolution = args.resolution or (64 if args.quick else 1024 if cuda else 512)
+    defaults = fast_modes.sampling_defaults(args.fast)
+    args.steps = args.steps or (2 if args.quick else defaults.num_inference_steps)
+    args.guidance = defaults.guidance_scale if args.guidance is None else args.guidance
+    if args.memory != "none" and not cuda:
+        p.error("--memory model/sequential offloads to the CPU from an accelerator; it needs --device cuda.")
+    if args.attention == "xformers" and not (cuda and _has_xformers()):
+        p.error("--attention xformers needs CUDA and the xformers package.")
+    if args.memory != "none":
+        args.isolate = True  # offload hooks live on the shared modules: one pipeline per process
+    if args.compile == "reduce-overhead":
+        print("note: reduce-overhead uses CUDA graphs; per-call inputs (IDCall tensors) may force re-recording.")
+    return args
+
+
+def _has_xformers() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("xformers") is not None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.compile != "off":
+        # One static graph per batch layout (4 rows mixing, 2 rows after the window, 2 rows plain...), no dynamic
+        # shapes, and room for all of them.
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        for key in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, key):
+                setattr(torch._dynamo.config, key, 64)
+    modes = [parse_mode(m.strip()) for m in args.modes.split(",") if m.strip()]
+    load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    outcome = run_isolated(args, modes) if args.isolate else run(args, modes)
+    if args.flops and not args.quick:
+        outcome["info"]["flops"] = count_flops(args.resolution)
+    summary = summarise(outcome["rounds"], modes, outcome["info"])
+    device = torch.device(args.device)
+    result = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": "python benchmarks/speed.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                     "device_name": machine(device), "load_before": load_before,
+                     "load_after": " ".join(f"{x:.1f}" for x in os.getloadavg())},
+        "summary": {k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in summary.items()},
+        "raw_rounds": outcome["rounds"],
+        "info": outcome["info"],
+    }
+    table = markdown(result)
+    if not args.child:
+        print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+    target = args.results or (None if args.quick else ROOT / "benchmarks" / "RESULTS.md")
+    if target and not args.no_results:
+        with target.open("a") as f:
+            f.write("\n" + table)
+    return result
+
+
+if __name__ == "__main__":
+    main()
