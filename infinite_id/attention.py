@@ -9,10 +9,11 @@ every processor computes exactly what diffusers' stock SDPA processor computes.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,10 @@ class IDCall:
 
     ``id_rows`` are the batch rows of the identity stream; ``text_rows[i]`` is the text-stream row that
     ``id_rows[i]`` mixes with (same image, same CFG polarity), or None when the batch has no text stream.
-    ``id_tokens[i]`` are the identity tokens of ``id_rows[i]``. Rows not in ``id_rows`` are computed stock.
+    ``id_tokens[i]`` are the identity tokens of ``id_rows[i]``. Rows not in ``id_rows`` are computed stock;
+    ``other_rows`` lists them (the pipeline knows them; None: derived here, at the cost of a host sync).
+    ``ip_cache``: a dict owned by one call, in which each layer keeps its identity keys/values once projected
+    (the tokens do not change between steps, so projecting them every step would be wasted work).
     """
 
     id_rows: torch.Tensor
@@ -41,6 +45,8 @@ class IDCall:
     mix_layers: tuple[str, ...] | None = None  # name prefixes of self-attention layers that mix; None = all
     adain_cross: bool = False  # AdaIN-mean on the image K/V of cross-attention as well
     text_branch: bool = True  # False in identity-enhanced training: cross-attention is the image branch alone
+    other_rows: torch.Tensor | None = None
+    ip_cache: dict | None = field(default=None, compare=False, repr=False)
 
     def mixes_in(self, layer: str) -> bool:
         if self.text_rows is None or not self.mixing:
@@ -50,9 +56,14 @@ class IDCall:
         return self.mix_layers is None or layer.startswith(tuple(self.mix_layers))
 
 
+@functools.cache
+def _xformers_installed() -> bool:
+    return importlib.util.find_spec("xformers") is not None
+
+
 def _xformers_usable(q: torch.Tensor) -> bool:
     # xformers has no CPU kernels: use it only when the tensor is on CUDA and the package is installed.
-    return q.is_cuda and importlib.util.find_spec("xformers") is not None
+    return q.is_cuda and _xformers_installed()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -146,7 +157,7 @@ class MixedSelfAttnProcessor(_Processor):
             return self._leave(attn, _merge(out), residual, shape)
 
         ids, texts = id_call.id_rows, id_call.text_rows
-        others = _complement(ids, batch)
+        others = id_call.other_rows if id_call.other_rows is not None else _complement(ids, batch)
         out = torch.empty_like(q)
         if others.numel():
             # Every row outside the identity stream is plain attention, as diffusers computes it.
@@ -212,8 +223,7 @@ class IDCrossAttnProcessor(_Processor):
             out = torch.zeros_like(q)
 
         ids = id_call.id_rows
-        tokens = id_call.id_tokens.to(q.dtype)
-        ip_k, ip_v = self.to_k_ip(tokens), self.to_v_ip(tokens)
+        ip_k, ip_v = self._identity_kv(id_call, q.dtype)
         if id_call.adain_cross and text_branch:
             ip_k = adain_mean(ip_k, k[ids], id_call.style_strength)
             ip_v = adain_mean(ip_v, v[ids], id_call.style_strength)
@@ -223,6 +233,17 @@ class IDCrossAttnProcessor(_Processor):
         scale = id_call.id_scale if text_branch else 1.0
         out = out.index_add(0, ids, image, alpha=scale)
         return self._leave(attn, out, residual, shape)
+
+
+    def _identity_kv(self, id_call: IDCall, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cache, key = id_call.ip_cache, (self.name, id(id_call.id_tokens))
+        if cache is not None and key in cache:
+            return cache[key]
+        tokens = id_call.id_tokens.to(dtype)
+        kv = self.to_k_ip(tokens), self.to_v_ip(tokens)
+        if cache is not None:
+            cache[key] = kv
+        return kv
 
 
 def _complement(rows: torch.Tensor, batch: int) -> torch.Tensor:

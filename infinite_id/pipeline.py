@@ -293,19 +293,22 @@ class InfiniteIDPipeline(StableDiffusionXLPipeline):
                 rows = {
                     "prompt": layout.per_row({"uncond": neg_embeds, "cond": embeds}),
                     "pooled": layout.per_row({"uncond": neg_pooled, "cond": pooled}),
-                    "id_rows": None, "text_rows": None, "tokens": None,
+                    "id_rows": None, "text_rows": None, "other_rows": None, "tokens": None,
                 }
                 rows["time_ids"] = time_ids.repeat(rows["prompt"].shape[0], 1)
                 if "id" in layout.streams:
                     rows["id_rows"] = layout.rows("id", device)
                     rows["tokens"] = torch.cat([tokens[p] for p in layout.polarities])
-                    if "text" in layout.streams:
-                        rows["text_rows"] = layout.rows("text", device)
+                    # The rows outside the identity stream are the text stream's (none for the adapter).
+                    text = layout.rows("text", device) if "text" in layout.streams else None
+                    rows["text_rows"] = text
+                    rows["other_rows"] = text if text is not None else rows["id_rows"][:0]
                 rows_cache[layout] = rows
             return rows_cache[layout]
 
         # 7. Denoise: one UNet call per step carries every active stream and polarity.
         out_stream = "id" if "id" in streams else "text"
+        ip_cache: dict = {}  # identity keys/values per layer, projected once for this call
         for i, t in enumerate(ts):
             active = streams
             if not return_text_images and len(streams) == 2 and i >= end:
@@ -318,7 +321,7 @@ class InfiniteIDPipeline(StableDiffusionXLPipeline):
                 call = IDCall(
                     id_rows=rows["id_rows"], id_tokens=rows["tokens"], text_rows=rows["text_rows"], id_scale=id_scale,
                     semantic_scale=semantic_scale, style_strength=style_strength, mixing=start <= i < end,
-                    mix_layers=mix_layers, adain_cross=adain_cross,
+                    mix_layers=mix_layers, adain_cross=adain_cross, other_rows=rows["other_rows"], ip_cache=ip_cache,
                 )
             scaled = torch.cat([schedulers[s].scale_model_input(x[s], t) for s in active])
             noise = self.unet(

@@ -206,3 +206,19 @@ def test_cfg_truncation_is_an_option(pipe, identity):
     assert close(generate(pipe, method="text", cfg_cutoff=0.0).images, generate(pipe, method="text", guidance_scale=1.0).images)
     with pytest.raises(ValueError, match="cfg_cutoff"):
         generate(pipe, id_embeds=identity, cfg_cutoff=2)
+
+
+def test_identity_keys_and_values_are_projected_once_per_call_and_layout(pipe, identity):
+    from infinite_id.attention import id_adapter_layers
+
+    proc = next(iter(id_adapter_layers(pipe.unet).values()))
+    calls = []
+    hook = proc.to_k_ip.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        generate(pipe, id_embeds=identity, num_inference_steps=4)
+        assert len(calls) == 1  # not once per step: the tokens do not change between steps
+        calls.clear()
+        generate(pipe, id_embeds=identity, num_inference_steps=4, cfg_cutoff=0.5)
+        assert len(calls) == 2  # the batch layout changes once (CFG rows dropped), so the rows change once
+    finally:
+        hook.remove()

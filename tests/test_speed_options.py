@@ -153,9 +153,6 @@ def test_torch_compile_gives_the_same_images(own, identity, compiled):
     assert max_diff(out, generate(own, id_embeds=identity, num_inference_steps=1).images) <= TOL
 
 
-@pytest.mark.xfail(strict=True, reason="MixedSelfAttnProcessor's _complement() calls nonzero(): one graph break per "
-                   "mixing layer (a host sync per layer on CUDA). benchmarks/README.md has the fix; remove this mark "
-                   "once attention.py takes it.")
 def test_torch_compile_captures_a_mixing_step_in_one_graph(compiled):
     _, graphs = compiled
     assert graphs == 1
