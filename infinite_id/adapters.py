@@ -193,10 +193,22 @@ class FaceIDPlusEncoder(PublicEncoder):
         return self.image_proj(self._face(features), self._clip(features), self.shortcut, scale)
 
 
+class _ResamplerEncoder(PublicEncoder):
+    """A public encoder whose projection is a single ``Resampler`` named ``image_proj``."""
+
+    @property
+    def num_tokens(self) -> int:
+        return self.image_proj.latents.shape[1]
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return self.image_proj.proj_out.out_features
+
+
 # --- IP-Adapter-Plus-Face ---------------------------------------------------------------------------------------
 
 
-class PlusFaceEncoder(PublicEncoder):
+class PlusFaceEncoder(_ResamplerEncoder):
     """IP-Adapter-Plus-Face SDXL (h94/IP-Adapter ``sdxl_models/ip-adapter-plus-face_sdxl_vit-h.safetensors``).
 
     CLIP only: a 16-query resampler over the penultimate CLIP ViT-H/14 hidden states of a face crop. No ArcFace,
@@ -218,14 +230,6 @@ class PlusFaceEncoder(PublicEncoder):
     def config_from_state_dict(cls, state: dict[str, torch.Tensor]) -> dict[str, int]:
         return _resampler_config(state, "IP-Adapter-Plus-Face", input_name="clip_dim")
 
-    @property
-    def num_tokens(self) -> int:
-        return self.image_proj.latents.shape[1]
-
-    @property
-    def cross_attention_dim(self) -> int:
-        return self.image_proj.proj_out.out_features
-
     def forward(self, features: IdentityFeatures) -> torch.Tensor:
         return self.image_proj(self._clip(features))
 
@@ -233,7 +237,7 @@ class PlusFaceEncoder(PublicEncoder):
 # --- InstantID --------------------------------------------------------------------------------------------------
 
 
-class InstantIDEncoder(PublicEncoder):
+class InstantIDEncoder(_ResamplerEncoder):
     """InstantID's face adapter (InstantX/InstantID ``ip-adapter.bin``), without IdentityNet.
 
     Input: the antelopev2 (glintr100) ArcFace embedding as one token, through a 16-query resampler. InstantID feeds
@@ -259,14 +263,6 @@ class InstantIDEncoder(PublicEncoder):
     @classmethod
     def config_from_state_dict(cls, state: dict[str, torch.Tensor]) -> dict[str, int]:
         return _resampler_config(state, "InstantID", input_name="face_dim")
-
-    @property
-    def num_tokens(self) -> int:
-        return self.image_proj.latents.shape[1]
-
-    @property
-    def cross_attention_dim(self) -> int:
-        return self.image_proj.proj_out.out_features
 
     def forward(self, features: IdentityFeatures) -> torch.Tensor:
         face = self._face(features)
