@@ -441,9 +441,10 @@ def deadline_in(seconds: float | None) -> float | None:
 
 
 def _free_memory() -> None:
+    from .device import empty_cache, pick_device
+
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    empty_cache(pick_device())
 
 
 def _metadata(pipe, request: GenerationRequest, seed: int, method: str, identity_meta: dict | None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ stream, and each stream has its own scheduler instance, created per call, so cal
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from .id_encoder import IdentityFeatures
 from .ops import average_identity
 
 METHODS = ("infinite-id", "adapter", "text")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -359,8 +361,6 @@ class InfiniteIDPipeline(StableDiffusionXLPipeline):
         are still not finite, ``FloatingPointError`` is raised: a black or NaN image is never returned."""
         if output_type == "latent":
             return latents
-        import logging
-
         vae = self.vae
         finite_latents = bool(torch.isfinite(latents).all())
         if vae.config.get("latents_mean") is not None and vae.config.get("latents_std") is not None:
@@ -391,7 +391,7 @@ class InfiniteIDPipeline(StableDiffusionXLPipeline):
                 else:
                     image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
                     if finite_latents and not bool(torch.isfinite(image).all()):
-                        logging.getLogger(__name__).warning("VAE decode overflowed in %s; retrying in fp32",
+                        logger.warning("VAE decode overflowed in %s; retrying in fp32",
                                                             vae.dtype)
                         image = decode_fp32()
         if not bool(torch.isfinite(image).all()):

@@ -36,16 +36,6 @@ STEPS = 1  # one denoising step shows every difference these tests look for
 TINY_CLIP_TOKENS = 17
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the thread hand-offs cost several times
-    the work itself (measured here: 8x). One thread for these tests, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- SDXL size: key names and shapes ----------------------------------------------------------------------------
 
 

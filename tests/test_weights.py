@@ -25,16 +25,6 @@ SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULTS = ModelSettings()  # the defaults, without this machine's environment
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU the thread hand-offs cost several times
-    the work itself (measured here: 8x). One thread for these tests, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def no_network(monkeypatch):
     """Any attempt to open a connection or download fails the test."""
