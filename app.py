@@ -1,4 +1,4 @@
-"""The Infinite-ID app: a Gradio Blocks UI over ``infinite_id.generation``.
+"""The Infinite-ID app: a Gradio Blocks UI over ``infinite_id.service``.
 
 This file is the composition root. ``build_demo(get_pipeline, get_face_analyzer)`` lays out the widgets; each
 handler turns widget values into one library call and the library's errors into sentences (``gr.Error``). Models
@@ -34,11 +34,11 @@ try:  # Hugging Face ZeroGPU: `spaces` must be imported before torch sets up CUD
 except ImportError:
     spaces = None
 
-from infinite_id import generation as gen
+from infinite_id import service as gen
 from infinite_id.config import SERVER, SETTINGS
-from infinite_id.engines import TINY_BANNER, TINY_STEPS, Engine, add_engine_arguments, load_engine_from_args
 from infinite_id.images import load_image
-from infinite_id.styles import default_style_name, load_styles
+from infinite_id.models.engines import TINY_BANNER, TINY_STEPS, Engine, add_engine_arguments, load_engine_from_args
+from infinite_id.service.styles import default_style_name, load_styles
 
 logger = logging.getLogger("infinite_id.app")
 

@@ -1,6 +1,6 @@
 """Prototype of faster Infinite-ID attention processors, for measurement only (not used by the package).
 
-Same maths as ``infinite_id.attention``; three changes, each aimed at a cost the benchmark found:
+Same maths as ``infinite_id.method.attention``; three changes, each aimed at a cost the benchmark found:
 
 1. **Row slices instead of index tensors.** The pipeline's batch layout is regular, so each stream's rows are a
    Python ``slice`` (``[text_u, id_u, text_c, id_c]`` -> text ``0::2``, id ``1::2``). Slicing gives views:
@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-import infinite_id.pipeline as pipeline_module  # noqa: E402
-from infinite_id.attention import (  # noqa: E402
+import infinite_id.method.pipeline as pipeline_module  # noqa: E402
+from infinite_id.method.attention import (  # noqa: E402
     IDCall,
     IDCrossAttnProcessor,
     MixedSelfAttnProcessor,

@@ -62,9 +62,9 @@ def main(argv=None) -> int:
     from app_server import ASSETS, serve
     from gradio_client import Client, handle_file
 
-    from infinite_id.engines import load_engine
-    from infinite_id.styles import load_styles
-    from infinite_id.tiny_face import synthetic_face_photo
+    from infinite_id.faces.tiny_pack import synthetic_face_photo
+    from infinite_id.models.engines import load_engine
+    from infinite_id.service.styles import load_styles
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)

@@ -74,11 +74,11 @@ from transformers import (  # noqa: E402
     CLIPVisionModelWithProjection,
 )
 
-import infinite_id.attention as id_attention  # noqa: E402
-from infinite_id import fast as fast_modes  # noqa: E402
+import infinite_id.method.attention as id_attention  # noqa: E402
 from infinite_id import testing  # noqa: E402
-from infinite_id.id_encoder import IdentityFeatures, InfiniteIDEncoder  # noqa: E402
-from infinite_id.pipeline import InfiniteIDPipeline  # noqa: E402
+from infinite_id.method.id_encoder import IdentityFeatures, InfiniteIDEncoder  # noqa: E402
+from infinite_id.method.pipeline import InfiniteIDPipeline  # noqa: E402
+from infinite_id.models import fast as fast_modes  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------- the model
 
@@ -369,7 +369,7 @@ class Bench:
                 pipe.vae.enable_tiling()
             if memory == "none":
                 continue
-            # As infinite_id.loading does: the small ID encoder is called with a dataclass accelerate cannot move.
+            # As infinite_id.models.loading does: the small ID encoder is called with a dataclass accelerate cannot move.
             pipe._exclude_from_cpu_offload = [*getattr(pipe, "_exclude_from_cpu_offload", []), "id_encoder"]
             if memory == "model":
                 pipe.enable_model_cpu_offload(device=self.args.device)

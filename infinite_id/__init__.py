@@ -1,46 +1,32 @@
 """Infinite-ID: identity-preserved personalization via ID-semantics decoupling, on diffusers SDXL.
 
-Names are imported on first use (PEP 562), so ``import infinite_id`` and light commands (``download``, the
-start-up check) do not pay for torch, diffusers and transformers imports they do not need.
+The package is cut into layers (docs/architecture.md): ``method`` (the paper), ``adapters`` (public identity
+adapters), ``faces``, ``models`` (weights and pipeline building), ``service`` (what the app, CLI and API share),
+``ui`` (Gradio), ``training`` and ``evaluation``. The names below are the documented surface; they are imported on
+first use, so ``import infinite_id`` stays light.
 """
 
-from __future__ import annotations
+from ._lazy import lazy_exports
 
-import importlib
-
-_EXPORTS = {
-    "IDCall": "attention",
-    "IDCrossAttnProcessor": "attention",
-    "MixedSelfAttnProcessor": "attention",
-    "install_id_processors": "attention",
-    "FaceAnalyzer": "face",
-    "FaceError": "face",
-    "FaceResult": "face",
-    "NoFaceError": "face",
-    "face_similarity": "face",
-    "CLIPMapper": "id_encoder",
-    "FaceMapper": "id_encoder",
-    "IdentityFeatures": "id_encoder",
-    "InfiniteIDEncoder": "id_encoder",
-    "load_pipeline": "loading",
-    "adain_mean": "ops",
-    "average_identity": "ops",
-    "interpolate_identities": "ops",
-    "stack_identities": "ops",
-    "InfiniteIDPipeline": "pipeline",
-    "InfiniteIDPipelineOutput": "pipeline",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'infinite_id' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "IDCall": ".method.attention",
+    "IDCrossAttnProcessor": ".method.attention",
+    "MixedSelfAttnProcessor": ".method.attention",
+    "install_id_processors": ".method.attention",
+    "CLIPMapper": ".method.id_encoder",
+    "FaceMapper": ".method.id_encoder",
+    "IdentityFeatures": ".method.id_encoder",
+    "InfiniteIDEncoder": ".method.id_encoder",
+    "adain_mean": ".method.ops",
+    "average_identity": ".method.ops",
+    "interpolate_identities": ".method.ops",
+    "stack_identities": ".method.ops",
+    "InfiniteIDPipeline": ".method.pipeline",
+    "InfiniteIDPipelineOutput": ".method.pipeline",
+    "FaceAnalyzer": ".faces.analyzer",
+    "FaceError": ".faces.analyzer",
+    "FaceResult": ".faces.analyzer",
+    "NoFaceError": ".faces.analyzer",
+    "face_similarity": ".faces.analyzer",
+    "load_pipeline": ".models.loading",
+})

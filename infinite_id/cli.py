@@ -1,7 +1,7 @@
 """``python -m infinite_id generate|compare``: the app's Generate and Compare tabs from a terminal.
 
-Same library calls, same PNGs and metadata as the app (``infinite_id.generation``), same engine flags
-(``infinite_id.engines``). Errors meant for people are printed as one sentence and exit with status 1.
+Same library calls, same PNGs and metadata as the app (``infinite_id.service``), same engine flags
+(``infinite_id.models.engines``). Errors meant for people are printed as one sentence and exit with status 1.
 
     python -m infinite_id generate --photo me.jpg --prompt "a man in Ghibli animation style" --style "Ghibli animation"
     python -m infinite_id generate --reproduce outputs/infinite-id-infinite-id-42-0.png --photo me.jpg
@@ -14,9 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import generation as gen
-from .engines import add_engine_arguments, load_engine_from_args
-from .styles import default_style_name, style_names
+from . import service as gen
+from .models.engines import add_engine_arguments, load_engine_from_args
+from .service.styles import default_style_name, style_names
 
 DEFAULT_OUT = Path("outputs")
 

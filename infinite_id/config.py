@@ -55,9 +55,9 @@ class ModelSettings:
     """Which weights to load and how (docs/weights.md). Each is overridable by argument, CLI flag or environment.
 
     A location is a hub reference (``owner/repo``, ``owner/repo/subfolder`` or ``owner/repo/path/file``) or a
-    local folder or file. None means the policy default (resolved in ``infinite_id.hub``): ``vae`` None is the
+    local folder or file. None means the policy default (resolved in ``infinite_id.models.hub``): ``vae`` None is the
     fp16-fix VAE in fp16 and the base model's own VAE otherwise; ``device``/``dtype`` None follow
-    ``infinite_id.device``.
+    ``infinite_id.models.device``.
     """
 
     base_model: str = "stabilityai/stable-diffusion-xl-base-1.0"

@@ -20,8 +20,8 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from .id_encoder import InfiniteIDEncoder
-from .pipeline import InfiniteIDPipeline
+from .method.id_encoder import InfiniteIDEncoder
+from .method.pipeline import InfiniteIDPipeline
 
 TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "tiny-clip-tokenizer"
 
@@ -116,7 +116,7 @@ def tiny_id_encoder() -> InfiniteIDEncoder:
 
 def tiny_face_analyzer(seed: int = 0, **kwargs):
     """The face stack on a synthetic ONNX pack, run through insightface's own code (see ``tiny_face``)."""
-    from .tiny_face import tiny_face_analyzer as build
+    from .faces.tiny_pack import tiny_face_analyzer as build
 
     return build(seed, **kwargs)
 

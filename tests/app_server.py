@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import app  # noqa: E402
-from infinite_id.engines import load_engine  # noqa: E402
+from infinite_id.models.engines import load_engine  # noqa: E402
 
 ASSETS = ROOT / "assets"
 STEPS = 2

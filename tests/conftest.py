@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The tiny models are overhead-bound: one thread is faster than two, and far faster on a loaded machine.
 torch.set_num_threads(1)
 
-from infinite_id.id_encoder import IdentityFeatures  # noqa: E402
+from infinite_id.method.id_encoder import IdentityFeatures  # noqa: E402
 from infinite_id.testing import tiny_pipeline  # noqa: E402
 
 STEPS = 4

@@ -26,11 +26,11 @@ from conftest import generate
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
-from infinite_id.adapters import ADAPTERS, FaceIDPlusEncoder, InstantIDEncoder, PlusFaceEncoder
-from infinite_id.attention import check_installed, id_adapter_layers, install_id_processors
-from infinite_id.id_encoder import IdentityFeatures
+from infinite_id.adapters.convert import convert_adapter, load_adapter
+from infinite_id.adapters.encoders import ADAPTERS, FaceIDPlusEncoder, InstantIDEncoder, PlusFaceEncoder
+from infinite_id.method.attention import check_installed, id_adapter_layers, install_id_processors
+from infinite_id.method.id_encoder import IdentityFeatures
 from infinite_id.testing import CROSS_DIM, VISION_DIM, tiny_pipeline
-from infinite_id.weights import convert_adapter, load_adapter
 
 STEPS = 1  # one denoising step shows every difference these tests look for
 TINY_CLIP_TOKENS = 17

@@ -19,9 +19,9 @@ sys.path.insert(0, str(ROOT))
 from app_server import ASSETS, STEPS, generate, pixels, serve  # noqa: E402
 
 import app  # noqa: E402
-from infinite_id import generation as gen  # noqa: E402
-from infinite_id.engines import TINY_BANNER  # noqa: E402
-from infinite_id.tiny_face import synthetic_face_photo  # noqa: E402
+from infinite_id import service as gen  # noqa: E402
+from infinite_id.faces.tiny_pack import synthetic_face_photo  # noqa: E402
+from infinite_id.models.engines import TINY_BANNER  # noqa: E402
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402

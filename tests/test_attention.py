@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from infinite_id.attention import IDCall, IDCrossAttnProcessor, MixedSelfAttnProcessor
+from infinite_id.method.attention import IDCall, IDCrossAttnProcessor, MixedSelfAttnProcessor
 
 HEADS, DIM_HEAD, DIM, CROSS = 2, 8, 16, 12
 TEXT_ROWS, ID_ROWS = torch.tensor([0, 2]), torch.tensor([1, 3])

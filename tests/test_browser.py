@@ -27,7 +27,7 @@ pytestmark = [
 sync_api = pytest.importorskip("playwright.sync_api")
 
 import app  # noqa: E402
-from infinite_id.engines import TINY_BANNER, load_engine  # noqa: E402
+from infinite_id.models.engines import TINY_BANNER, load_engine  # noqa: E402
 
 
 def free_port() -> int:

@@ -5,8 +5,8 @@ import torch
 from conftest import generate
 from safetensors.torch import load_file, save_file
 
+from infinite_id.method.checkpoint import identity_state_dict, load_checkpoint, read_checkpoint, save_checkpoint
 from infinite_id.testing import tiny_pipeline
-from infinite_id.weights import identity_state_dict, load_checkpoint, read_checkpoint, save_checkpoint
 
 
 @pytest.fixture

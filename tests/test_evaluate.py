@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from infinite_id import evaluate as ev
-from infinite_id.hub import MissingWeightsError
-from infinite_id.tiny_face import synthetic_face_photo
+from infinite_id.evaluation import run as ev
+from infinite_id.faces.tiny_pack import synthetic_face_photo
+from infinite_id.models.hub import MissingWeightsError
 
 
 @pytest.fixture(scope="module")

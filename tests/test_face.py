@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from infinite_id.config import SETTINGS
-from infinite_id.face import (
+from infinite_id.faces.analyzer import (
     AveragedFace,
     FaceAnalyzer,
     FaceError,
@@ -34,8 +34,7 @@ from infinite_id.face import (
     face_similarity,
     select_face,
 )
-from infinite_id.images import InvalidImageError
-from infinite_id.tiny_face import (
+from infinite_id.faces.tiny_pack import (
     DETECTOR_FILE,
     KPS_TEMPLATE,
     RECOGNIZER_FILE,
@@ -43,6 +42,7 @@ from infinite_id.tiny_face import (
     synthetic_pack_root,
     tiny_face_analyzer,
 )
+from infinite_id.images import InvalidImageError
 
 REPO = Path(__file__).resolve().parents[1]
 ARCFACE_TEMPLATE = np.array(
@@ -438,7 +438,7 @@ import sys, types
 package = types.ModuleType("infinite_id")
 package.__path__ = [{str(REPO / "infinite_id")!r}]
 sys.modules["infinite_id"] = package
-import infinite_id.face, infinite_id.tiny_face
+import infinite_id.faces.analyzer, infinite_id.faces.tiny_pack
 heavy = [m for m in ("insightface", "onnxruntime", "torch", "cv2") if m in sys.modules]
 assert not heavy, heavy
 """

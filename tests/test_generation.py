@@ -16,12 +16,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from infinite_id import generation as gen  # noqa: E402
+from infinite_id import service as gen  # noqa: E402
 from infinite_id.cli import compare_main, generate_main  # noqa: E402
-from infinite_id.engines import load_engine  # noqa: E402
-from infinite_id.grid import labelled_grid  # noqa: E402
-from infinite_id.styles import DEFAULT_STYLE, get_style, load_styles  # noqa: E402
-from infinite_id.tiny_face import synthetic_face_photo  # noqa: E402
+from infinite_id.faces.tiny_pack import synthetic_face_photo  # noqa: E402
+from infinite_id.models.engines import load_engine  # noqa: E402
+from infinite_id.service.grid import labelled_grid  # noqa: E402
+from infinite_id.service.styles import DEFAULT_STYLE, get_style, load_styles  # noqa: E402
 
 ASSETS = ROOT / "assets"
 
@@ -141,8 +141,8 @@ def test_cancelled_generation_raises_and_the_next_call_is_unaffected(engine, fac
 
 
 def test_blank_outputs_are_detected():
-    assert gen._is_blank(Image.new("RGB", (64, 64)))
-    assert not gen._is_blank(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)))
+    assert gen.is_blank(Image.new("RGB", (64, 64)))
+    assert not gen.is_blank(Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)))
 
 
 def test_parse_values_and_grid():
@@ -181,7 +181,7 @@ def test_cli_generate_and_compare_write_pngs(tmp_path, capsys):
 
 
 def test_app_without_weights_stops_with_the_startup_message(tmp_path):
-    pytest.importorskip("infinite_id.loading")
+    pytest.importorskip("infinite_id.models.loading")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
            "INFINITE_ID_FACE_ROOT": str(tmp_path / "faces"), "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, str(ROOT / "app.py")], env=env, capture_output=True, text=True,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from infinite_id.ops import adain_mean, average_identity, interpolate_identities, stack_identities
+from infinite_id.method.ops import adain_mean, average_identity, interpolate_identities, stack_identities
 
 
 def test_adain_mean_moves_the_mean_exactly_and_keeps_centred_values():

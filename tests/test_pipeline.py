@@ -5,7 +5,7 @@ import torch
 from conftest import generate, random_identity
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from infinite_id.attention import MixedSelfAttnProcessor
+from infinite_id.method.attention import MixedSelfAttnProcessor
 
 # Latent tolerance for comparisons across different batch layouts (batch 2 vs batch 4 through the same convs):
 # float32 reductions differ in their last bits, nothing more. Real differences in these tests are > 1e-1.
@@ -154,8 +154,8 @@ def test_id_image_without_face_analyzer_says_what_to_do():
 
 
 def test_id_image_goes_through_the_face_stack_like_the_real_pipeline(pipe):
-    from infinite_id.face import NoFaceError
-    from infinite_id.tiny_face import synthetic_face_photo
+    from infinite_id.faces.analyzer import NoFaceError
+    from infinite_id.faces.tiny_pack import synthetic_face_photo
 
     photo_a = synthetic_face_photo(256, faces=[(128, 120, 60, 0)])
     photo_b = synthetic_face_photo(256, faces=[(128, 120, 60, 3)])
@@ -209,7 +209,7 @@ def test_cfg_truncation_is_an_option(pipe, identity):
 
 
 def test_identity_keys_and_values_are_projected_once_per_call_and_layout(pipe, identity):
-    from infinite_id.attention import id_adapter_layers
+    from infinite_id.method.attention import id_adapter_layers
 
     proc = next(iter(id_adapter_layers(pipe.unet).values()))
     calls = []

@@ -21,8 +21,9 @@ import torch
 from app_server import ASSETS, generate, pixels, serve
 
 import app
-from infinite_id import generation as gen
-from infinite_id.engines import load_engine
+from infinite_id import service as gen
+from infinite_id.models.engines import load_engine
+from infinite_id.service import runner
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -96,7 +97,7 @@ def differences(golden, results) -> list[int]:
 
 
 class Overlap:
-    """Wraps ``gen.run`` to count how many calls run at the same moment (the test must really overlap)."""
+    """Wraps ``runner.run`` to count how many calls run at the same moment (the test must really overlap)."""
 
     def __init__(self, run, hold_s: float = 0.0):
         self.run, self.hold_s, self.active, self.most = run, hold_s, 0, 0
@@ -118,8 +119,8 @@ class Overlap:
 
 
 def test_eight_overlapping_requests_equal_their_serial_outputs(parallel, golden, monkeypatch):
-    overlap = Overlap(gen.run, hold_s=0.5)
-    monkeypatch.setattr(gen, "run", overlap)
+    overlap = Overlap(runner.run, hold_s=0.5)
+    monkeypatch.setattr(runner, "run", overlap)
     results = run_at_once(parallel[1])
     assert overlap.most >= 4, f"only {overlap.most} requests overlapped"
     # Exact equality: every pixel of every PNG and every metadata field (seed, strengths, style, method...).
@@ -129,7 +130,7 @@ def test_eight_overlapping_requests_equal_their_serial_outputs(parallel, golden,
 def test_the_comparison_catches_per_call_state_on_a_shared_object(parallel, golden, monkeypatch):
     """A deliberately wrong variant: the identity strength parked on the shared pipeline and read back later,
     as a processor that kept ``id_scale`` on itself would. The same comparison must fail."""
-    real_run, shared = gen.run, SimpleNamespace(id_scale=None)
+    real_run, shared = runner.run, SimpleNamespace(id_scale=None)
 
     def leaky_run(pipe, request, *args, **kwargs):
         shared.id_scale = request.id_scale  # the bug: per-call state on an object every request shares
@@ -137,7 +138,7 @@ def test_the_comparison_catches_per_call_state_on_a_shared_object(parallel, gold
         return real_run(pipe, request.replace(id_scale=shared.id_scale), *args, **kwargs)
 
     overlap = Overlap(leaky_run)
-    monkeypatch.setattr(gen, "run", overlap)
+    monkeypatch.setattr(runner, "run", overlap)
     results = run_at_once(parallel[1])
     assert overlap.most >= 4
     assert len(differences(golden, results)) >= 3  # most requests got someone else's strength
@@ -148,14 +149,14 @@ def test_the_comparison_catches_per_call_state_on_a_shared_object(parallel, gold
 
 def test_full_queue_says_busy_queued_people_see_their_place_and_nothing_deadlocks(engine, monkeypatch):
     gate, entered = threading.Event(), threading.Event()
-    real_run = gen.run
+    real_run = runner.run
 
     def held_run(*args, **kwargs):  # the first job holds the (single) GPU slot until the test lets it go
         entered.set()
         assert gate.wait(60)
         return real_run(*args, **kwargs)
 
-    monkeypatch.setattr(gen, "run", held_run)
+    monkeypatch.setattr(runner, "run", held_run)
     with serve(engine, max_size=2) as (demo, url):  # production concurrency (1); a short queue to fill quickly
         assert demo._queue.default_concurrency_limit == 1
         a, b, c, d = (Client(url, verbose=False) for _ in range(4))
@@ -192,8 +193,8 @@ def test_full_queue_says_busy_queued_people_see_their_place_and_nothing_deadlock
 
 def test_out_of_memory_mid_generation_frees_memory_and_the_next_request_is_right(client, golden, monkeypatch):
     freed = []
-    real_free = gen._free_memory
-    monkeypatch.setattr(gen, "_free_memory", lambda: (freed.append(1), real_free()))
+    real_free = runner._free_memory
+    monkeypatch.setattr(runner, "_free_memory", lambda: (freed.append(1), real_free()))
 
     def reporter(progress, desc):
         def report(done, total):
@@ -214,7 +215,7 @@ def test_free_memory_collects_and_empties_the_device_cache(monkeypatch):
     emptied = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
-    gen._free_memory()
+    runner._free_memory()
     assert emptied == [1]
 
 
@@ -304,8 +305,9 @@ def test_a_step_past_the_time_limit_is_cut_with_a_sentence(parallel, client, gol
 
 
 def test_missing_face_models_stop_the_app_at_start_up_not_on_a_request(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("infinite_id.loading")
-    from infinite_id import hub, loading
+    pytest.importorskip("infinite_id.models.loading")
+    from infinite_id.models import hub as hub
+    from infinite_id.models import loading
 
     real_check = hub.startup_check
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -386,7 +388,7 @@ def test_the_invisible_watermark_is_sdxls_and_only_when_asked():
     pytest.importorskip("imwatermark")
     from imwatermark import WatermarkDecoder
 
-    from infinite_id.tiny_face import synthetic_face_photo
+    from infinite_id.faces.tiny_pack import synthetic_face_photo
 
     image = synthetic_face_photo(320, seed=4)
     assert gen.OutputGuard().mark(image) is image  # off by default

@@ -21,9 +21,9 @@ from app_server import ASSETS, ROOT, generate, serve
 from PIL import Image
 
 import app
-from infinite_id import generation as gen
+from infinite_id import service as gen
 from infinite_id.config import SETTINGS
-from infinite_id.engines import load_engine
+from infinite_id.models.engines import load_engine
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import generate
 
-from infinite_id import attention as id_attention
+from infinite_id.method import attention as id_attention
 from infinite_id.testing import tiny_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -88,7 +88,7 @@ def test_dropping_the_text_stream_keeps_the_images_with_several_images_per_promp
 
 def test_model_offload_gives_the_same_images(identity, faithful):
     pipe = tiny_pipeline(seed=0, face_analyzer=None)
-    pipe._exclude_from_cpu_offload = ["id_encoder"]  # as infinite_id.loading does
+    pipe._exclude_from_cpu_offload = ["id_encoder"]  # as infinite_id.models.loading does
     device = "cuda" if CUDA else "cpu"  # diffusers accepts an explicit CPU "accelerator": the hooks still run
     pipe.enable_model_cpu_offload(device=device)
     out = generate(pipe, id_embeds=identity).images.cpu()

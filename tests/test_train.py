@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import generate
 
-from infinite_id.id_encoder import IdentityFeatures
+from infinite_id.faces.tiny_pack import synthetic_face_photo
+from infinite_id.method.checkpoint import load_checkpoint
+from infinite_id.method.id_encoder import IdentityFeatures
 from infinite_id.testing import tiny_pipeline
-from infinite_id.tiny_face import synthetic_face_photo
-from infinite_id.train import TrainConfig, Trainer, load_config, main
-from infinite_id.weights import load_checkpoint
+from infinite_id.training.trainer import TrainConfig, Trainer, load_config, main
 
 COLOURS = [(255, 0, 0), (0, 0, 255), (255, 255, 255)]
 

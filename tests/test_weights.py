@@ -12,14 +12,23 @@ import torch
 from adapter_specs import faceid_plusv2_image_proj, ip_adapter_layers, nested, random_tensors
 from conftest import generate, random_identity
 
-from infinite_id import device as dev
-from infinite_id import hub
-from infinite_id.attention import check_installed
+from infinite_id.adapters.convert import load_adapter
 from infinite_id.config import ModelSettings, model_settings_from_env
-from infinite_id.fast import FAST_MODES, apply_fast_mode, fast_mode, sampling_defaults
-from infinite_id.hub import Location, MissingWeightsError, Needed, download_main, plan_files, resolve, startup_check
+from infinite_id.method.attention import check_installed
+from infinite_id.method.checkpoint import save_checkpoint
+from infinite_id.models import device as dev
+from infinite_id.models import hub as hub
+from infinite_id.models.fast import FAST_MODES, apply_fast_mode, fast_mode, sampling_defaults
+from infinite_id.models.hub import (
+    Location,
+    MissingWeightsError,
+    Needed,
+    download_main,
+    plan_files,
+    resolve,
+    startup_check,
+)
 from infinite_id.testing import CROSS_DIM, VISION_DIM, tiny_pipeline
-from infinite_id.weights import load_adapter, save_checkpoint
 
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULTS = ModelSettings()  # the defaults, without this machine's environment
@@ -280,7 +289,7 @@ def local_models(tmp_path_factory):
 
 
 def test_load_pipeline_from_local_folders(local_models, cache, no_network):
-    from infinite_id.loading import load_pipeline
+    from infinite_id.models.loading import load_pipeline
 
     pipe = load_pipeline(base_model=str(local_models / "base"), image_encoder=str(local_models / "clip"),
                          adapter_path=str(local_models / "faceid.bin"), device="cpu", dtype="fp32",
@@ -300,7 +309,7 @@ def test_load_pipeline_from_local_folders(local_models, cache, no_network):
 def test_a_face_analyzer_of_another_embedding_space_is_refused(local_models, cache, no_network):
     from types import SimpleNamespace
 
-    from infinite_id.loading import load_pipeline
+    from infinite_id.models.loading import load_pipeline
 
     with pytest.raises(ValueError, match="trained on buffalo_l face embeddings, but the face analyzer uses antelopev2"):
         load_pipeline(base_model=str(local_models / "base"), image_encoder=str(local_models / "clip"),
@@ -309,7 +318,7 @@ def test_a_face_analyzer_of_another_embedding_space_is_refused(local_models, cac
 
 
 def test_load_pipeline_offline_names_everything_missing(cache, tmp_path, no_network):
-    from infinite_id.loading import load_pipeline
+    from infinite_id.models.loading import load_pipeline
 
     with pytest.raises(MissingWeightsError) as caught:
         load_pipeline(device="cpu", dtype="fp32", face_root=str(tmp_path / "faces"))
@@ -385,7 +394,7 @@ def test_real_defaults_make_one_1024_image():
         pytest.skip(f"the real weights are not downloaded: {str(exc).splitlines()[0]}")
     from PIL import Image
 
-    from infinite_id.loading import load_pipeline
+    from infinite_id.models.loading import load_pipeline
 
     pipe = load_pipeline()
     photo = Image.open(Path(__import__("insightface").__file__).parent / "data" / "images" / "Tom_Hanks_54745.png")

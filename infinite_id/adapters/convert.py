@@ -1,19 +1,13 @@
-"""Weights: the native Infinite-ID checkpoint format (DESIGN 5), saved and loaded strictly.
+"""Public identity adapters checked against a UNet and converted on load (DESIGN 1.3, 5).
 
-One safetensors file. Keys: ``image_proj.*`` (the ID encoder's state dict) and ``ip_adapter.{i}.to_k_ip.weight`` /
-``ip_adapter.{i}.to_v_ip.weight`` where ``i`` is the layer's position in ``unet.attn_processors`` (the numbering
-IP-Adapter files and diffusers' loader use). Metadata: format name and version, encoder kind and its constructor
-arguments, token counts, and the base model the identity branch was trained on.
-
-Public identity adapters (IP-Adapter-FaceID-PlusV2, IP-Adapter-Plus-Face, InstantID; see ``adapters``) are
-converted on load by ``load_adapter``: the same strictness, plus checks that name the usual wrong files (an
-adapter of another kind than asked for, an SD 1.5 adapter on SDXL, a truncated download).
+IP-Adapter-FaceID-PlusV2, IP-Adapter-Plus-Face and InstantID's adapter (their encoders: ``encoders``) load with the
+native format's strictness (``method.checkpoint``), plus checks that name the usual wrong files: an adapter of
+another kind than asked for, an SD 1.5 adapter on SDXL, a truncated download. ``load_adapter`` takes either.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -21,121 +15,15 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from .attention import IDCrossAttnProcessor, attention_layers, id_adapter_layers
-from .id_encoder import InfiniteIDEncoder
-
-FORMAT = "infinite-id"
-FORMAT_VERSION = "1"
-DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
-
-
-def identity_state_dict(unet, encoder) -> dict[str, torch.Tensor]:
-    """The trainable identity branch of a pipeline as native checkpoint keys."""
-    state = {f"image_proj.{k}": v for k, v in encoder.state_dict().items()}
-    for i, proc in id_adapter_layers(unet).items():
-        state[f"ip_adapter.{i}.to_k_ip.weight"] = proc.to_k_ip.weight
-        state[f"ip_adapter.{i}.to_v_ip.weight"] = proc.to_v_ip.weight
-    return state
-
-
-def save_checkpoint(pipe, path: str | Path, base_model: str = DEFAULT_BASE_MODEL, extra: dict | None = None) -> Path:
-    """Write the pipeline's identity branch (encoder + per-layer image K/V) as one native safetensors file."""
-    encoder = pipe.id_encoder
-    if not isinstance(encoder, InfiniteIDEncoder):
-        raise ValueError(f"Only native Infinite-ID encoders are saved in this format, not {type(encoder).__name__}.")
-    state = {k: v.detach().contiguous().cpu() for k, v in identity_state_dict(pipe.unet, encoder).items()}
-    metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "encoder_kind": encoder.kind,
-        "encoder_config": json.dumps(encoder.config_dict(), sort_keys=True),
-        "num_tokens": str(encoder.num_tokens),
-        "face_tokens": str(encoder.face_mapper.num_tokens),
-        "clip_tokens": str(encoder.clip_tokens),
-        "base_model": base_model,
-        **{k: str(v) for k, v in (extra or {}).items()},
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)  # never leave a half-written checkpoint under the real name
-    return path
-
-
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a native checkpoint, or a ValueError saying what is wrong with the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"Checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path.name} is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
-    if metadata.get("format") != FORMAT:
-        raise ValueError(
-            f"{path.name} is not a native Infinite-ID checkpoint (metadata format={metadata.get('format')!r}); "
-            "public adapters are loaded with their own converters."
-        )
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path.name} has format version {metadata.get('format_version')!r}; this code reads {FORMAT_VERSION}.")
-    return state, metadata
-
-
-def encoder_from_metadata(metadata: dict[str, str]) -> InfiniteIDEncoder:
-    try:
-        config = json.loads(metadata["encoder_config"])
-        return InfiniteIDEncoder(**config)
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"The checkpoint's encoder_config metadata is missing or invalid: {exc}") from exc
-
-
-def check_state_dict(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], what: str) -> None:
-    """Strict comparison: every missing, unexpected or mis-shaped key is named in one ValueError."""
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(got))
-        if got[k].shape != expected[k].shape
-    ]
-    problems = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", shapes)):
-        if items:
-            shown = ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
-            problems.append(f"{len(items)} {label}: {shown}")
-    if problems:
-        raise ValueError(f"{what} does not match this model. " + "; ".join(problems) + ".")
-
-
-def load_checkpoint(pipe, path: str | Path) -> dict[str, str]:
-    """Load a native checkpoint into ``pipe`` (building its ID encoder from the metadata), strictly.
-
-    Returns the checkpoint's metadata. Nothing in the pipeline changes unless every key matches.
-    """
-    state, metadata = read_checkpoint(path)
-    encoder = encoder_from_metadata(metadata)
-    expected = identity_state_dict(pipe.unet, encoder)
-    check_state_dict(expected, state, Path(path).name)
-    encoder.load_state_dict({k[len("image_proj."):]: v for k, v in state.items() if k.startswith("image_proj.")})
-    param = next(pipe.unet.parameters())
-    for i, proc in id_adapter_layers(pipe.unet).items():
-        proc.to_k_ip.weight.data.copy_(state[f"ip_adapter.{i}.to_k_ip.weight"])
-        proc.to_v_ip.weight.data.copy_(state[f"ip_adapter.{i}.to_v_ip.weight"])
-    pipe.register_modules(id_encoder=encoder.to(device=param.device, dtype=param.dtype))
-    return metadata
-
-
-# --- public identity adapters -----------------------------------------------------------------------------------
+from ..method.attention import IDCrossAttnProcessor, attention_layers, id_adapter_layers
+from ..method.checkpoint import FORMAT, check_state_dict, load_checkpoint
+from .encoders import adapter_info, build_encoder, detect_kind
+from .lora import LORA_PARTS, adapter_lora_state_dict, apply_unet_lora
 
 # Context width and cross-attention layer count of the base models an adapter file may have been made for.
 KNOWN_UNETS = {(16, 768): "Stable Diffusion 1.5", (16, 1024): "Stable Diffusion 2.x", (70, 2048): "SDXL"}
-LORA_PARTS = (("to_q", "to_q_lora"), ("to_k", "to_k_lora"), ("to_v", "to_v_lora"), ("to_out.0", "to_out_lora"))
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -274,8 +162,6 @@ def convert_adapter(unet, flat: dict[str, torch.Tensor], what: str, kind: str | 
     model, missing/unexpected/mis-shaped keys. ``options`` go to the encoder (``s_scale``, ``embedding_norm``) when
     it takes them. Changes nothing outside the returned object.
     """
-    from .adapters import adapter_info, build_encoder, detect_kind
-
     wanted = adapter_info(kind).name if kind else None
     image_proj, ip_adapter = split_adapter_state(flat, what)
     found, evidence = detect_kind(image_proj, what)
@@ -319,8 +205,6 @@ def load_adapter(
     Every check runs before anything changes: a file that fails leaves the pipeline as it was. Returns a summary
     (kind, title, file name, token count, LoRA state) for logs and the UI.
     """
-    from .adapters import adapter_info
-
     path = Path(path)
     what = path.name
     wanted = adapter_info(kind).name if kind else None
@@ -359,29 +243,3 @@ def load_adapter(
         lora_state = f"fused at {lora_scale}"
     return {"kind": converted.kind, "title": encoder.title, "file": what, "num_tokens": str(encoder.num_tokens),
             "lora": lora_state}
-
-
-def adapter_lora_state_dict(unet, ip_adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The LoRA inside an IP-Adapter-FaceID file, in diffusers' PEFT key format (``unet.<module>.lora_A.weight``).
-
-    IP-Adapter's LoRALinearLayer has no alpha, i.e. a scale of 1: PEFT's default when no alpha is given.
-    """
-    state = {}
-    for i, (name, _) in enumerate(attention_layers(unet)):
-        module = name.removesuffix(".processor")
-        for ours, theirs in LORA_PARTS:
-            state[f"unet.{module}.{ours}.lora_A.weight"] = ip_adapter[f"{i}.{theirs}.down.weight"]
-            state[f"unet.{module}.{ours}.lora_B.weight"] = ip_adapter[f"{i}.{theirs}.up.weight"]
-    return state
-
-
-def apply_unet_lora(pipe, lora, adapter_name: str, scale: float = 1.0) -> None:
-    """Load a LoRA (a path or a state dict) into the UNet with diffusers, fuse it at ``scale`` and drop the LoRA
-    layers, so inference pays nothing extra. It acts on both streams. Our attention processors stay installed: the
-    LoRA wraps ``to_q``/``to_k``/``to_v``/``to_out`` linears, which the processors call."""
-    from .attention import check_installed
-
-    pipe.load_lora_weights(lora, adapter_name=adapter_name)
-    pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"], lora_scale=scale, adapter_names=[adapter_name])
-    pipe.unload_lora_weights()
-    check_installed(pipe.unet)

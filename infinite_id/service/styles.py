@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-STYLES_DIR = Path(os.environ.get("INFINITE_ID_STYLES_DIR", Path(__file__).resolve().parents[1] / "styles"))
+STYLES_DIR = Path(os.environ.get("INFINITE_ID_STYLES_DIR", Path(__file__).resolve().parents[2] / "styles"))
 DEFAULT_STYLE = "Photographic"
 NO_STYLE = "No style"
 

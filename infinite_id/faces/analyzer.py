@@ -22,8 +22,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from .config import SETTINGS, FaceSettings
-from .images import ImageSource, load_image
+from ..config import SETTINGS, FaceSettings
+from ..images import ImageSource, load_image
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ photo of the same person from the reference face's features, with the text branc
 (no prompt reaches the UNet's cross-attention), so the identity stream learns identity alone.
 
     python -m infinite_id train --config train.toml
-    accelerate launch -m infinite_id.train --config train.toml      # several GPUs / nodes (see docs/training.md)
+    accelerate launch -m infinite_id.training --config train.toml      # several GPUs / nodes (see docs/training.md)
 
 Every random draw of a step (which pairs, flips, noise, timesteps, identity dropout) comes from a generator seeded
 by (seed, step, process), so a resumed run continues the exact trajectory of an uninterrupted one.
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import IDCall, id_adapter_layers
-from .id_encoder import IdentityFeatures, InfiniteIDEncoder
-from .training_data import CachedPairs, preprocess
+from ..method.attention import IDCall, id_adapter_layers
+from ..method.id_encoder import IdentityFeatures, InfiniteIDEncoder
+from .data import CachedPairs, preprocess
 
 
 @dataclass
@@ -103,10 +103,10 @@ class IdentityBranch(nn.Module):
 def build_engine(config: TrainConfig):
     """The pipeline whose components training uses (UNet, VAE, text encoders, CLIP image tower, face analyzer)."""
     if config.engine == "tiny":
-        from .testing import tiny_face_analyzer, tiny_pipeline
+        from ..testing import tiny_face_analyzer, tiny_pipeline
 
         return tiny_pipeline(seed=config.seed, face_analyzer=tiny_face_analyzer())
-    from .loading import load_pipeline
+    from ..models.loading import load_pipeline
 
     return load_pipeline(dtype=torch.float32, adapter=None)
 
@@ -154,7 +154,7 @@ class Trainer:
 
         encoder = new_encoder(pipe, config)
         if config.init_from:
-            from .weights import load_checkpoint
+            from ..method.checkpoint import load_checkpoint
 
             # load_checkpoint rebuilds the encoder from the file's metadata and hands it to register_modules.
             holder = SimpleNamespace(unet=pipe.unet)
@@ -290,7 +290,7 @@ class Trainer:
 
     def export(self, path: Path) -> Path:
         """Write the native checkpoint (EMA weights when EMA is on) that loads straight into the app."""
-        from .weights import save_checkpoint
+        from ..method.checkpoint import save_checkpoint
 
         model = _unwrap(self.accelerator, self.model)
         params = model.trainable_parameters()

@@ -150,7 +150,7 @@ class InfiniteIDPipeline(StableDiffusionXLPipeline):
 
     @staticmethod
     def _as_rgb(photo):
-        from .images import load_image
+        from ..images import load_image
 
         return load_image(photo)
 

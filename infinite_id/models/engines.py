@@ -63,7 +63,7 @@ class Engine:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--engine`` and ``--fast``, plus every weight flag of ``infinite_id.hub`` (``--adapter``, ``--memory-mode``,
+    """``--engine`` and ``--fast``, plus every weight flag of ``infinite_id.models.hub`` (``--adapter``, ``--memory-mode``,
     ``--fast-mode``, ``--base-model`` ...), so the app and every CLI command take the same ones."""
     parser.add_argument(
         "--engine", choices=ENGINES, default=os.environ.get("INFINITE_ID_ENGINE", "real"),
@@ -96,8 +96,8 @@ def load_engine(engine: str = "real", *, models=None, seed: int = 0) -> Engine:
     environment). Raises ``MissingWeightsError`` (a ValueError with the whole story) before loading any model
     when weights are missing and cannot be downloaded now."""
     if engine == "tiny":
-        from .testing import tiny_pipeline
-        from .tiny_face import tiny_face_analyzer
+        from ..faces.tiny_pack import tiny_face_analyzer
+        from ..testing import tiny_pipeline
 
         analyzer = tiny_face_analyzer(seed=seed)
         pipe = tiny_pipeline(seed=seed, face_analyzer=analyzer)

@@ -1,7 +1,7 @@
 """Public identity adapters as Infinite-ID identity encoders (DESIGN 1.3): what each one is and what it needs.
 
 No Infinite-ID weights are public, so the identity branch can run on three public image-cross-attention adapters,
-converted on load (``weights.load_adapter``): their projection model becomes an ID encoder with the surface of
+converted on load (``convert.load_adapter``): their projection model becomes an ID encoder with the surface of
 ``InfiniteIDEncoder`` (``kind``, ``needs_face``, ``needs_clip``, ``clip_layer``, ``num_tokens``, ``dtype``,
 ``device``, ``forward(IdentityFeatures)``, ``null_tokens(batch)``), and their per-layer ``to_k_ip``/``to_v_ip``
 weights go into our ID cross-attention processors. Every size is inferred from the file, so the same code loads
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .id_encoder import IdentityFeatures
+from ..method.id_encoder import IdentityFeatures
 from .resampler import DIM_HEAD, FacePerceiverResampler, Resampler
 
 FACE_DIM = 512  # ArcFace embeddings (insightface buffalo_l and antelopev2 alike)
@@ -364,5 +364,5 @@ def build_encoder(kind: str, image_proj: dict[str, torch.Tensor], **options) -> 
     """The encoder for ``kind`` sized from the file's ``image_proj`` dict (``options`` e.g. ``s_scale``)."""
     cls = adapter_info(kind).encoder
     if cls is None:
-        raise ValueError(f"{kind} checkpoints are not converted; load them with weights.load_checkpoint.")
+        raise ValueError(f"{kind} checkpoints are not converted; load them with method.checkpoint.load_checkpoint.")
     return cls(**cls.config_from_state_dict(image_proj), **options)

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.convert import load_adapter
+from ..config import SETTINGS, ModelSettings
+from ..method.pipeline import InfiniteIDPipeline
 from . import fast as fast_modes  # module-qualified: load_pipeline's ``fast_mode`` argument shadows the name
 from . import hub
-from .config import SETTINGS, ModelSettings
 from .device import DevicePlan, plan
-from .pipeline import InfiniteIDPipeline
-from .weights import load_adapter
 
 logger = logging.getLogger(__name__)
 MEMORY_MODES = ("none", "model", "sequential")
@@ -186,7 +186,7 @@ def _face_analyzer(choice, resolved: hub.Resolved):
         return None
     if choice is not True:
         return choice  # the caller's analyzer (checked against the adapter once it is loaded)
-    from .face import FaceAnalyzer
+    from ..faces.analyzer import FaceAnalyzer
 
     return FaceAnalyzer(pack=resolved.face_pack, root=str(resolved.face_root))
 

@@ -28,8 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .adapters import ADAPTERS, DEFAULT_ADAPTER, AdapterInfo, adapter_info
-from .config import SETTINGS, ModelSettings
+from ..adapters.encoders import ADAPTERS, DEFAULT_ADAPTER, AdapterInfo, adapter_info
+from ..config import SETTINGS, ModelSettings
 
 DOWNLOAD_COMMAND = "python -m infinite_id download"
 FP16_FIX_VAE = "madebyollin/sdxl-vae-fp16-fix"

@@ -68,8 +68,8 @@ def preprocess(data: str | Path, cache: str | Path, pipe, resolution: int, show_
     """Build (or reuse) the feature cache of ``data`` in ``cache``; returns the cache folder."""
     from tqdm.auto import tqdm
 
-    from .face import FaceError
-    from .images import InvalidImageError, load_image
+    from ..faces.analyzer import FaceError
+    from ..images import InvalidImageError, load_image
 
     data, cache = Path(data), Path(cache)
     settings = {"version": CACHE_VERSION, "data": str(data.resolve()), "resolution": resolution,

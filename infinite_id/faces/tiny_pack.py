@@ -166,7 +166,7 @@ def tiny_face_analyzer(seed: int = 0, **kwargs):
     """A ``FaceAnalyzer`` on the synthetic pack, on CPU. ``kwargs`` go to ``FaceAnalyzer`` (e.g. ``detector=``)."""
     import onnxruntime
 
-    from .face import FaceAnalyzer
+    from .analyzer import FaceAnalyzer
 
     root, pack = synthetic_pack_root(seed)
     kwargs.setdefault("providers", ["CPUExecutionProvider"])

@@ -41,9 +41,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .generation import METHOD_LABELS, SOFTWARE, save_png
-from .grid import labelled_grid
-from .pipeline import METHODS
+from ..method.pipeline import METHODS
+from ..service.grid import labelled_grid
+from ..service.outputs import SOFTWARE, save_png
+from ..service.request import METHOD_LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_METHODS = ("text", "adapter", "infinite-id")  # the paper's habit: baselines first, the method last
 DEFAULT_SEEDS = (0, 1, 2, 3)
 DEFAULT_CLASS = "person"
-PROMPTS_FILE = Path(__file__).parent / "prompts" / "evaluation.json"
+PROMPTS_FILE = Path(__file__).resolve().parents[1] / "prompts" / "evaluation.json"
 CLASSES_FILE = "classes.json"  # optional, in the identities folder: {"alice": "woman", ...}
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 GRID_CELL = 384  # grid cells are shrunk to this many pixels so a 16-prompt grid of 1024 px images stays viewable
@@ -95,8 +96,8 @@ def face_score(embedding, reference) -> float | None:
 
 def largest_face(analyzer, image: Image.Image):
     """The largest usable face in ``image``, or None: for a generated image no face is a result, not an error."""
-    from .face import FaceError
-    from .images import InvalidImageError
+    from ..faces.analyzer import FaceError
+    from ..images import InvalidImageError
 
     try:
         faces = analyzer.analyze(image)
@@ -135,7 +136,7 @@ class ClipScorer:
         raises ``MissingWeightsError`` saying how to fetch it."""
         from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-        from .hub import MissingWeightsError, offline_requested
+        from ..models.hub import MissingWeightsError, offline_requested
 
         offline = offline_requested(local_files_only)
         try:
@@ -189,7 +190,7 @@ def tiny_clip_scorer(seed: int = 0) -> ClipScorer:
     """
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
-    from .testing import tiny_tokenizer
+    from ..testing import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     vocab = len(tokenizer)
@@ -458,8 +459,8 @@ class _Reference:
 
 def _references(pipe, scorer, analyzer, facenet, subjects, need_identity: bool) -> list[_Reference]:
     """Every reference photo read, its face found and encoded, before any generation: one message for all bad ones."""
-    from .face import FaceError
-    from .images import InvalidImageError, load_image
+    from ..faces.analyzer import FaceError
+    from ..images import InvalidImageError, load_image
 
     references, problems = [], []
     for subject in subjects:
@@ -659,7 +660,7 @@ def _write_summary(path: Path, summaries: Sequence[MethodSummary], facenet: bool
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .engines import add_engine_arguments
+    from ..models.engines import add_engine_arguments
 
     parser = argparse.ArgumentParser(
         prog="python -m infinite_id evaluate",
@@ -723,8 +724,8 @@ def _count(n: int, one: str, many: str | None = None) -> str:
 
 
 def _run(args: argparse.Namespace, subjects: list[Subject], prompts: list[EvalPrompt]) -> int:
-    from .engines import load_engine_from_args
-    from .generation import native_size
+    from ..models.engines import load_engine_from_args
+    from ..service.request import native_size
 
     # The scorer before the pipeline: it is the file most likely to be missing, and it loads in seconds.
     if args.clip_model is None and args.engine == "tiny":

@@ -92,7 +92,7 @@ def apply_fast_mode(pipe, mode: FastMode | str, lora) -> SamplingDefaults:
 
     Load-time only: it changes shared modules, so never call it while the pipeline serves requests.
     """
-    from .weights import apply_unet_lora
+    from ..adapters.lora import apply_unet_lora
 
     chosen = fast_mode(mode) if isinstance(mode, str) else mode
     if chosen is None:

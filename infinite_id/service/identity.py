@@ -1,0 +1,112 @@
+"""One person, ready to generate: photo(s) -> ``Identity`` (features for ``id_embeds`` and the reference ArcFace
+embedding), encoded once per photo (keyed by a hash of the pixels) and reused, e.g. across a Compare grid."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..images import load_image
+from ..method.id_encoder import IdentityFeatures
+
+
+def image_hash(image: Image.Image) -> str:
+    """A hash of the decoded pixels: the same photo hits the cache whatever its file name or upload copy."""
+    digest = hashlib.sha256()
+    digest.update(f"{image.mode}{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """One person, ready to generate: ``features`` go to the pipeline as ``id_embeds``; ``reference`` (512,
+    unit norm) is the ArcFace embedding outputs are compared with. ``key`` names the photos (a hash, never the
+    pixels) and is recorded in the metadata."""
+
+    features: IdentityFeatures
+    reference: np.ndarray
+    key: str
+    face_index: int = 0
+    photos: int = 1
+
+
+class IdentityCache:
+    """Encodes a person's photo(s) once and reuses the result. Safe to share between requests and threads.
+
+    The key is the pixels' hash, the picked face, the extra photos' hashes and the pipeline object, so a
+    different photo, face or engine is a different entry. Entries are small (features, not images); the least
+    recently used go first.
+    """
+
+    def __init__(self, capacity: int = 16):
+        self.capacity = capacity
+        # Per pipeline, held weakly: a pipeline that is gone takes its entries with it.
+        self._entries: weakref.WeakKeyDictionary[Any, OrderedDict[str, Identity]] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self._entries.values())
+
+    def encode(self, pipe, photo, face_index: int = 0, extra_photos: Sequence = (), analyzer=None) -> Identity:
+        """``photo``: anything ``load_image`` takes. ``face_index``: which face of ``photo`` (0 = largest).
+        ``extra_photos``: more photos of the same person (their largest face each), averaged in."""
+        from ..faces.analyzer import average_embeddings, select_face
+
+        analyzer = analyzer if analyzer is not None else pipe.face_analyzer
+        if analyzer is None:
+            raise ValueError("This engine has no face analyzer, so it cannot read a photo of a person.")
+        main = load_image(photo)
+        extras = [load_image(p) for p in extra_photos]
+        parts = [image_hash(main), f"face{int(face_index)}", *(image_hash(e) for e in extras)]
+        key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]  # names the photos, in the metadata too
+        with self._lock:
+            entries = self._entries.setdefault(pipe, OrderedDict())  # features depend on the engine as well
+            if key in entries:
+                entries.move_to_end(key)
+                self.hits += 1
+                return entries[key]
+            self.misses += 1
+        faces = [select_face(analyzer.analyze(main), int(face_index))]
+        faces += [analyzer.analyze(extra)[0] for extra in extras]
+        features = pipe.encode_identity(faces)
+        identity = Identity(features, average_embeddings(faces), key, int(face_index), len(faces))
+        with self._lock:
+            entries = self._entries.setdefault(pipe, OrderedDict())
+            entries[key] = identity
+            while len(entries) > self.capacity:
+                entries.popitem(last=False)
+        return identity
+
+
+def face_thumbnail(image: Image.Image, face, size: int = 128) -> Image.Image:
+    """A square crop around ``face`` (a FaceResult) with some hair and chin, ``size`` pixels, for picking faces."""
+    x1, y1, x2, y2 = (float(v) for v in face.bbox[:4])
+    cx, cy, half = (x1 + x2) / 2, (y1 + y2) / 2, max(x2 - x1, y2 - y1) * 0.75
+    box = tuple(int(round(v)) for v in (cx - half, cy - half, cx + half, cy + half))
+    return image.crop(box).resize((size, size), Image.Resampling.LANCZOS)
+
+
+def output_similarity(analyzer, image: Image.Image, reference: np.ndarray | None) -> float | None:
+    """ArcFace cosine of the largest face in ``image`` to ``reference``; None when there is no face to compare."""
+    if analyzer is None or reference is None:
+        return None
+    from ..faces.analyzer import FaceError, face_similarity
+    from ..images import InvalidImageError
+
+    try:
+        faces = analyzer.analyze(image)
+    except (FaceError, InvalidImageError):  # an output without a usable face has no similarity, not an error
+        return None
+    return round(face_similarity(faces[0], reference), 4) if faces else None
+
+
