@@ -45,6 +45,11 @@ def load_image(source: ImageSource, limits: ImageLimits | None = None) -> Image.
     small or too elongated to hold a face.
     """
     limits = limits or SETTINGS.images
+    if _already_loaded(source):
+        # This function's own output (or an in-memory RGB image): decoding or copying it again would only cost
+        # time, e.g. when the identity cache hands its photo to the face analyzer.
+        _check_geometry(source.size, limits)
+        return source
     if isinstance(source, Image.Image):
         image = source
         # An image opened elsewhere may still be lazy; hold it to the same allowlist as an upload.
@@ -66,6 +71,11 @@ def load_image(source: ImageSource, limits: ImageLimits | None = None) -> Image.
     # A fresh image: no EXIF left to rotate it a second time downstream, no GPS or other metadata carried along.
     rgb.info = {}
     return rgb
+
+
+def _already_loaded(source: ImageSource) -> bool:
+    """An upright RGB image in memory with nothing left to apply: no file format behind it, no EXIF."""
+    return isinstance(source, Image.Image) and source.mode == "RGB" and source.format is None and not source.info
 
 
 def _allowed_formats(limits: ImageLimits) -> tuple[str, ...]:

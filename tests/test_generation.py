@@ -93,6 +93,22 @@ def test_identity_cache_keys_on_pixels_and_face(engine, face_photo, tmp_path):
     assert np.isclose(np.linalg.norm(first.reference), 1.0, atol=1e-4)
 
 
+
+def test_a_photo_is_decoded_once_on_its_way_to_the_identity(engine, face_photo, tmp_path, monkeypatch):
+    """Upload -> identity cache -> face analyzer -> identity tokens: the file is opened and decoded once; the
+    analyzer takes the cache's decoded image as it is (load_image returns its own output untouched)."""
+    import infinite_id.images as images
+
+    path = tmp_path / "once.png"
+    face_photo.save(path)
+    opened, real_open = [], images._open
+    monkeypatch.setattr(images, "_open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    decoded = images.load_image(str(path))
+    assert images.load_image(decoded) is decoded and len(opened) == 1
+    opened.clear()
+    gen.IdentityCache().encode(engine.pipe, str(path))
+    assert len(opened) == 1
+
 def test_similarity_of_a_face_to_itself_and_of_noise(engine, face_photo):
     identity = gen.IdentityCache().encode(engine.pipe, face_photo)
     assert gen.output_similarity(engine.face_analyzer, face_photo, identity.reference) > 0.95

@@ -124,6 +124,8 @@ def test_callback_sees_every_step_and_can_edit_latents(pipe, identity):
     assert [s[0] for s in seen] == [0, 1, 2, 3]
     assert out.images.abs().max() == 0 and out.text_images.abs().max() > 0
 
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):  # a name the loop never fills
+        generate(pipe, id_embeds=identity, callback_on_step_end=cb, callback_on_step_end_tensor_inputs=["noise"])
 
 def test_shared_scheduler_is_never_stepped(pipe, identity):
     before = (pipe.scheduler.num_inference_steps, pipe.scheduler.timesteps.clone())

@@ -12,7 +12,7 @@ import copy
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import PIL.Image
@@ -24,7 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .attention import IDCall, check_installed, install_id_processors
 from .id_encoder import IdentityFeatures
-from .ops import average_identity
+from .identity_inputs import IdentityInputsMixin
 
 METHODS = ("infinite-id", "adapter", "text")
 logger = logging.getLogger(__name__)
@@ -57,10 +57,36 @@ class _Layout:
         return torch.cat([by_polarity[p] for p in self.polarities for _ in self.streams])
 
 
-class InfiniteIDPipeline(StableDiffusionXLPipeline):
+STREAMS = {"infinite-id": ("text", "id"), "adapter": ("id",), "text": ("text",)}
+
+
+@dataclass(frozen=True)
+class _DenoisePlan:
+    """What one call's denoising loop needs besides tensors. Built per call, never stored on the pipeline."""
+
+    streams: tuple[str, ...]
+    batch: int
+    cfg: bool
+    guidance_scale: float
+    steps: int
+    mix_steps: tuple[float, float]  # step i mixes when start <= i < end
+    cfg_cutoff: float
+    keep_text: bool  # the caller wants the text stream's images
+    knobs: dict = field(hash=False)  # IDCall knobs: id_scale, semantic_scale, style_strength, mix_layers, adain_cross
+
+    def layout(self, i: int) -> _Layout:
+        active = self.streams
+        if not self.keep_text and len(self.streams) == 2 and i >= self.mix_steps[1]:
+            active = ("id",)  # past the mixing window nothing reads the text stream any more
+        with_uncond = self.cfg and i < self.cfg_cutoff * self.steps
+        return _Layout(active, ("uncond", "cond") if with_uncond else ("cond",), self.batch)
+
+
+class InfiniteIDPipeline(IdentityInputsMixin, StableDiffusionXLPipeline):
     """SDXL with Infinite-ID's identity stream. See DESIGN 4 for the call contract."""
 
     _optional_components = [*StableDiffusionXLPipeline._optional_components, "id_encoder"]
+    _callback_tensor_inputs = ["latents", "text_latents"]  # what callback_on_step_end may ask for
 
     def __init__(
         self,
@@ -109,99 +135,7 @@ class InfiniteIDPipeline(StableDiffusionXLPipeline):
         with self._prompt_lock:
             return super().encode_prompt(*args, **kwargs)
 
-    # ------------------------------------------------------------------ identity
-    @torch.no_grad()
-    def encode_identity(self, id_image) -> IdentityFeatures:
-        """Photo(s) of one person -> raw identity features, averaged over the photos.
-
-        ``id_image``: a photo (anything ``load_image`` takes), a face already picked from ``face_analyzer``
-        (a FaceResult), or a list of those, all of the *same* person. Pass the result as ``id_embeds`` to reuse it.
-        """
-        encoder = self._require_encoder()
-        photos = list(id_image) if isinstance(id_image, list | tuple) else [id_image]
-        if not photos:
-            raise ValueError("id_image is an empty list; give at least one photo of the person.")
-        faces = [self._face(p) for p in photos] if encoder.needs_face or self.face_analyzer is not None else None
-        face = clip = face_norm = None
-        device = self._execution_device
-        if encoder.needs_face:
-            embeds = torch.stack([torch.tensor(np.asarray(f.embedding), dtype=torch.float32) for f in faces])
-            face = average_identity(embeds, normalize=True)[None].to(device)
-            face_norm = torch.tensor([float(np.mean([getattr(f, "embedding_norm", 1.0) for f in faces]))], device=device)
-        if encoder.needs_clip:
-            if self.image_encoder is None or self.feature_extractor is None:
-                raise ValueError("This identity encoder needs a CLIP image encoder; the pipeline has none loaded.")
-            crops = [f.clip_crop for f in faces] if faces is not None else [self._as_rgb(p) for p in photos]
-            pixels = self.feature_extractor(images=crops, return_tensors="pt").pixel_values
-            pixels = pixels.to(device=device, dtype=self.image_encoder.dtype)
-            hidden = self.image_encoder(pixels, output_hidden_states=True).hidden_states[encoder.clip_layer]
-            clip = average_identity(hidden, normalize=False)[None]
-        return IdentityFeatures(face=face, clip=clip, face_norm=face_norm)
-
-    def _face(self, photo):
-        if hasattr(photo, "embedding") and hasattr(photo, "clip_crop"):
-            return photo  # an already-analysed face (the "pick a face" path)
-        if self.face_analyzer is None:
-            raise ValueError(
-                "This pipeline has no face analyzer, so it cannot read a photo. Set pipe.face_analyzer, or pass "
-                "precomputed id_embeds."
-            )
-        return self.face_analyzer.analyze(photo)[0]  # largest face; analyze raises a clear error when there is none
-
-    @staticmethod
-    def _as_rgb(photo):
-        from ..images import load_image
-
-        return load_image(photo)
-
-    def _require_encoder(self):
-        if self.id_encoder is None:
-            raise ValueError("This pipeline has no identity encoder loaded; only method='text' can run.")
-        return self.id_encoder
-
-    def _id_tokens(self, id_image, id_embeds, batch: int, images_per_prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Identity tokens ``[batch, N, D]`` for the conditional rows, and the null identity of the same shape."""
-        encoder = self._require_encoder()
-        if id_embeds is None:
-            if id_image is None:
-                raise ValueError("This method needs the person's photo: pass id_image (or precomputed id_embeds).")
-            id_embeds = self.encode_identity(id_image)
-        with torch.no_grad():
-            tokens = encoder(id_embeds) if isinstance(id_embeds, IdentityFeatures) else id_embeds
-            tokens = tokens[None] if tokens.ndim == 2 else tokens
-            tokens = tokens.to(self._execution_device, self.unet.dtype)
-            prompts = batch // images_per_prompt
-            if tokens.shape[0] == prompts and prompts != batch:
-                tokens = tokens.repeat_interleave(images_per_prompt, dim=0)
-            elif tokens.shape[0] == 1:
-                tokens = tokens.expand(batch, -1, -1)
-            if tokens.shape[0] != batch:
-                raise ValueError(f"Got identity tokens for {tokens.shape[0]} images but the call makes {batch}.")
-            null = encoder.null_tokens(1).to(tokens.dtype)
-            if tokens.shape[1] % null.shape[1]:
-                raise ValueError(
-                    f"Identity tokens have {tokens.shape[1]} tokens, not a multiple of the encoder's {null.shape[1]}."
-                )
-            # Several stacked people get a null identity per person, so both CFG rows have the same token count.
-            null = null.repeat(1, tokens.shape[1] // null.shape[1], 1).expand(batch, -1, -1)
-        return tokens, null
-
     # ------------------------------------------------------------------ call
-    @staticmethod
-    def _check_args(method, id_scale, semantic_scale, style_strength, mix_window, height, width, steps, images):
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
-        for name, value in (("id_scale", id_scale), ("semantic_scale", semantic_scale), ("style_strength", style_strength)):
-            if not np.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value}.")
-        start, end = mix_window
-        if not 0.0 <= start <= end <= 1.0:
-            raise ValueError(f"mix_window must be (start, end) with 0 <= start <= end <= 1, got {mix_window}.")
-        if height % 8 or width % 8 or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}.")
-        if steps < 1 or images < 1:
-            raise ValueError("num_inference_steps and num_images_per_prompt must be at least 1.")
-
     @torch.no_grad()
     def __call__(
         self,
@@ -233,8 +167,6 @@ class InfiniteIDPipeline(StableDiffusionXLPipeline):
     ):
         """Generate images of the person in ``id_image`` following ``prompt``.
 
-        Steps: 1 check inputs, 2 encode the prompt, 3 encode the identity, 4 timesteps, 5 one initial latent per
-        image shared by both streams, 6 lay out the batch of each step, 7 denoise, 8 decode.
         ``mix_layers``: name prefixes of the self-attention layers that mix (None: all); ``adain_cross``: AdaIN-mean
         on the cross-attention image keys/values too (off in the paper's behaviour).
         Work that does not change ``.images`` can be skipped: with ``return_text_images=False`` the text stream
@@ -245,28 +177,17 @@ class InfiniteIDPipeline(StableDiffusionXLPipeline):
         # 1. Check inputs.
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
-        self._check_args(
+        self.check_call_inputs(
             method, id_scale, semantic_scale, style_strength, mix_window, height, width, num_inference_steps,
-            num_images_per_prompt,
+            num_images_per_prompt, cfg_cutoff, callback_on_step_end_tensor_inputs,
         )
-        if not 0.0 <= cfg_cutoff <= 1.0:
-            raise ValueError(f"cfg_cutoff must be between 0 and 1, got {cfg_cutoff}.")
-        check_installed(self.unet)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(prompts) * num_images_per_prompt
-        device = self._execution_device
-        cfg = guidance_scale > 1.0
-        streams = {"infinite-id": ("text", "id"), "adapter": ("id",), "text": ("text",)}[method]
+        streams = STREAMS[method]
 
-        # 2. Prompt embeddings (the unconditional rows of both streams use the negative prompt).
-        embeds, neg_embeds, pooled, neg_pooled = self.encode_prompt(
-            prompts, device=device, num_images_per_prompt=num_images_per_prompt, do_classifier_free_guidance=cfg,
-            negative_prompt=negative_prompt,
-        )
-        time_ids = self._get_add_time_ids(
-            (height, width), (0, 0), (height, width), dtype=embeds.dtype,
-            text_encoder_projection_dim=self.text_encoder_2.config.projection_dim,
-        ).to(device)
+        # 2. Encode the prompt (the unconditional rows of both streams use the negative prompt).
+        cfg = guidance_scale > 1.0
+        prompt_rows = self._encode_prompt_rows(prompts, negative_prompt, num_images_per_prompt, cfg, height, width)
 
         # 3. Identity tokens: the person's on conditional rows, the null identity on unconditional ones.
         tokens = None
@@ -275,76 +196,25 @@ class InfiniteIDPipeline(StableDiffusionXLPipeline):
             tokens = {"uncond": null_tokens, "cond": cond_tokens}
 
         # 4. Timesteps: every stream gets its own fresh scheduler, so no call touches self.scheduler's state.
-        schedulers = {s: self._fresh_scheduler() for s in streams}
-        for s in streams:
-            ts, num_inference_steps = retrieve_timesteps(schedulers[s], num_inference_steps, device, timesteps)
+        schedulers, ts = self._stream_schedulers(streams, num_inference_steps, timesteps)
 
         # 5. One initial latent per image, shared by both streams.
-        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds.dtype)
-        latents = latents.to(device, embeds.dtype) * schedulers[streams[0]].init_noise_sigma
-        x = {s: latents.clone() for s in streams}
+        dtype = prompt_rows["cond"][0].dtype
+        x = self._initial_latents(streams, schedulers, batch, height, width, generator, latents, dtype)
 
-        # 6. The batch of a step: which streams and polarities it carries, and their per-row inputs.
-        start, end = (f * num_inference_steps for f in mix_window)
-        rows_cache: dict[_Layout, dict] = {}
+        # 6. Denoise: one UNet call per step carries every active stream and polarity.
+        plan = _DenoisePlan(
+            streams=streams, batch=batch, cfg=cfg, guidance_scale=guidance_scale, steps=len(ts),
+            mix_steps=(mix_window[0] * len(ts), mix_window[1] * len(ts)), cfg_cutoff=cfg_cutoff,
+            keep_text=return_text_images,
+            knobs=dict(id_scale=id_scale, semantic_scale=semantic_scale, style_strength=style_strength,
+                       mix_layers=mix_layers, adain_cross=adain_cross),
+        )
+        x = self._denoise(plan, schedulers, ts, x, prompt_rows, tokens,
+                          callback_on_step_end, callback_on_step_end_tensor_inputs)
 
-        def rows_of(layout: _Layout) -> dict:
-            if layout not in rows_cache:
-                rows = {
-                    "prompt": layout.per_row({"uncond": neg_embeds, "cond": embeds}),
-                    "pooled": layout.per_row({"uncond": neg_pooled, "cond": pooled}),
-                    "id_rows": None, "text_rows": None, "other_rows": None, "tokens": None,
-                }
-                rows["time_ids"] = time_ids.repeat(rows["prompt"].shape[0], 1)
-                if "id" in layout.streams:
-                    rows["id_rows"] = layout.rows("id", device)
-                    rows["tokens"] = torch.cat([tokens[p] for p in layout.polarities])
-                    # The rows outside the identity stream are the text stream's (none for the adapter).
-                    text = layout.rows("text", device) if "text" in layout.streams else None
-                    rows["text_rows"] = text
-                    rows["other_rows"] = text if text is not None else rows["id_rows"][:0]
-                rows_cache[layout] = rows
-            return rows_cache[layout]
-
-        # 7. Denoise: one UNet call per step carries every active stream and polarity.
-        out_stream = "id" if "id" in streams else "text"
-        ip_cache: dict = {}  # identity keys/values per layer, projected once for this call
-        for i, t in enumerate(ts):
-            active = streams
-            if not return_text_images and len(streams) == 2 and i >= end:
-                active = ("id",)  # past the mixing window nothing reads the text stream any more
-            polarities = ("uncond", "cond") if cfg and i < cfg_cutoff * num_inference_steps else ("cond",)
-            layout = _Layout(active, polarities, batch)
-            rows = rows_of(layout)
-            call = None
-            if rows["id_rows"] is not None:
-                call = IDCall(
-                    id_rows=rows["id_rows"], id_tokens=rows["tokens"], text_rows=rows["text_rows"], id_scale=id_scale,
-                    semantic_scale=semantic_scale, style_strength=style_strength, mixing=start <= i < end,
-                    mix_layers=mix_layers, adain_cross=adain_cross, other_rows=rows["other_rows"], ip_cache=ip_cache,
-                )
-            scaled = torch.cat([schedulers[s].scale_model_input(x[s], t) for s in active])
-            noise = self.unet(
-                torch.cat([scaled] * len(polarities)), t, encoder_hidden_states=rows["prompt"],
-                cross_attention_kwargs=None if call is None else {"id_call": call},
-                added_cond_kwargs={"text_embeds": rows["pooled"], "time_ids": rows["time_ids"]}, return_dict=False,
-            )[0]
-            noise = noise.view(len(polarities), len(active), batch, *noise.shape[1:])
-            guided = noise[0] + guidance_scale * (noise[1] - noise[0]) if len(polarities) == 2 else noise[0]
-            for j, s in enumerate(active):
-                x[s] = schedulers[s].step(guided[j], t, x[s], return_dict=False)[0]
-
-            if callback_on_step_end is not None:
-                values = {"latents": x[out_stream], "text_latents": x.get("text")}
-                callback_kwargs = {k: values[k] for k in callback_on_step_end_tensor_inputs if k in values}
-                result = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                if "latents" in result:
-                    x[out_stream] = result["latents"]
-
-        # 8. Decode.
-        images = self._decode(x[out_stream], output_type)
+        # 7. Decode the identity stream (the only stream of the other methods) and, if wanted, the text stream.
+        images = self._decode(x["id" if "id" in streams else "text"], output_type)
         text_images = None
         if method == "infinite-id" and return_text_images:
             text_images = self._decode(x["text"], output_type)
@@ -352,6 +222,119 @@ class InfiniteIDPipeline(StableDiffusionXLPipeline):
         if not return_dict:
             return images, text_images
         return InfiniteIDPipelineOutput(images=images, text_images=text_images)
+
+    def check_call_inputs(self, method, id_scale, semantic_scale, style_strength, mix_window, height, width, steps,
+                          images, cfg_cutoff, callback_inputs) -> None:
+        """Every rule for a call's arguments, each failure a ValueError naming the argument (diffusers'
+        ``check_inputs`` habit); and our attention processors must still be installed."""
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
+        for name, value in (("id_scale", id_scale), ("semantic_scale", semantic_scale),
+                            ("style_strength", style_strength)):
+            if not np.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value}.")
+        start, end = mix_window
+        if not 0.0 <= start <= end <= 1.0:
+            raise ValueError(f"mix_window must be (start, end) with 0 <= start <= end <= 1, got {mix_window}.")
+        if height % 8 or width % 8 or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}.")
+        if steps < 1 or images < 1:
+            raise ValueError("num_inference_steps and num_images_per_prompt must be at least 1.")
+        if not 0.0 <= cfg_cutoff <= 1.0:
+            raise ValueError(f"cfg_cutoff must be between 0 and 1, got {cfg_cutoff}.")
+        unknown = [k for k in callback_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs may name {self._callback_tensor_inputs}, "
+                             f"not {unknown}.")
+        check_installed(self.unet)
+
+    def _encode_prompt_rows(self, prompts, negative_prompt, images_per_prompt, cfg, height, width) -> dict:
+        """Prompt and pooled embeddings per polarity, and SDXL's size conditioning (``time_ids``)."""
+        device = self._execution_device
+        embeds, neg_embeds, pooled, neg_pooled = self.encode_prompt(
+            prompts, device=device, num_images_per_prompt=images_per_prompt, do_classifier_free_guidance=cfg,
+            negative_prompt=negative_prompt,
+        )
+        time_ids = self._get_add_time_ids(
+            (height, width), (0, 0), (height, width), dtype=embeds.dtype,
+            text_encoder_projection_dim=self.text_encoder_2.config.projection_dim,
+        ).to(device)
+        return {"cond": (embeds, pooled), "uncond": (neg_embeds, neg_pooled), "time_ids": time_ids}
+
+    def _stream_schedulers(self, streams, steps, timesteps) -> tuple[dict, torch.Tensor]:
+        schedulers = {s: self._fresh_scheduler() for s in streams}
+        for s in streams:
+            ts, _ = retrieve_timesteps(schedulers[s], steps, self._execution_device, timesteps)
+        return schedulers, ts
+
+    def _initial_latents(self, streams, schedulers, batch, height, width, generator, latents, dtype) -> dict:
+        device = self._execution_device
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        latents = latents.to(device, dtype) * schedulers[streams[0]].init_noise_sigma
+        return {s: latents.clone() for s in streams}
+
+    def _denoise(self, plan: _DenoisePlan, schedulers, ts, x, prompt_rows, tokens, callback, callback_inputs):
+        """The denoising loop. A step's batch layout depends on the step (the text stream leaves after the mixing
+        window when its image is not wanted; the unconditional rows leave after ``cfg_cutoff``); the per-row
+        inputs of each layout are built once per call."""
+        rows_cache: dict[_Layout, dict] = {}
+        ip_cache: dict = {}  # identity keys/values per layer, projected once for this call
+        out_stream = "id" if "id" in plan.streams else "text"
+        for i, t in enumerate(ts):
+            layout = plan.layout(i)
+            if layout not in rows_cache:
+                rows_cache[layout] = self._batch_rows(layout, prompt_rows, tokens)
+            x = self._step(plan, layout, rows_cache[layout], schedulers, i, t, x, ip_cache)
+            if callback is not None:
+                values = {"latents": x[out_stream], "text_latents": x.get("text")}
+                result = callback(self, i, t, {k: values[k] for k in callback_inputs if k in values}) or {}
+                if "latents" in result:
+                    x[out_stream] = result["latents"]
+        return x
+
+    def _batch_rows(self, layout: _Layout, prompt_rows: dict, tokens: dict | None) -> dict:
+        """The per-row inputs of one batch layout: prompt and pooled embeddings, time ids, and which rows hold
+        the identity stream (with its tokens) and the text stream it mixes with."""
+        device = self._execution_device
+        rows = {
+            "prompt": layout.per_row({p: prompt_rows[p][0] for p in layout.polarities}),
+            "pooled": layout.per_row({p: prompt_rows[p][1] for p in layout.polarities}),
+            "id_rows": None, "text_rows": None, "other_rows": None, "tokens": None,
+        }
+        rows["time_ids"] = prompt_rows["time_ids"].repeat(rows["prompt"].shape[0], 1)
+        if "id" in layout.streams:
+            rows["id_rows"] = layout.rows("id", device)
+            rows["tokens"] = torch.cat([tokens[p] for p in layout.polarities])
+            # The rows outside the identity stream are the text stream's (none for the adapter).
+            text = layout.rows("text", device) if "text" in layout.streams else None
+            rows["text_rows"] = text
+            rows["other_rows"] = text if text is not None else rows["id_rows"][:0]
+        return rows
+
+    def _step(self, plan: _DenoisePlan, layout: _Layout, rows: dict, schedulers, i, t, x, ip_cache) -> dict:
+        """One UNet call for every active stream and polarity, CFG per stream, one scheduler step per stream."""
+        call = None
+        if rows["id_rows"] is not None:
+            start, end = plan.mix_steps
+            call = IDCall(
+                id_rows=rows["id_rows"], id_tokens=rows["tokens"], text_rows=rows["text_rows"],
+                mixing=start <= i < end, other_rows=rows["other_rows"], ip_cache=ip_cache, **plan.knobs,
+            )
+        active, polarities = layout.streams, layout.polarities
+        scaled = torch.cat([schedulers[s].scale_model_input(x[s], t) for s in active])
+        noise = self.unet(
+            torch.cat([scaled] * len(polarities)), t, encoder_hidden_states=rows["prompt"],
+            cross_attention_kwargs=None if call is None else {"id_call": call},
+            added_cond_kwargs={"text_embeds": rows["pooled"], "time_ids": rows["time_ids"]}, return_dict=False,
+        )[0]
+        noise = noise.view(len(polarities), len(active), plan.batch, *noise.shape[1:])
+        guided = noise[0] + plan.guidance_scale * (noise[1] - noise[0]) if len(polarities) == 2 else noise[0]
+        x = dict(x)
+        for j, s in enumerate(active):
+            x[s] = schedulers[s].step(guided[j], t, x[s], return_dict=False)[0]
+        return x
 
     def _fresh_scheduler(self):
         return copy.deepcopy(self.scheduler)
