@@ -12,7 +12,7 @@ import sys
 COMMANDS = {
     "generate": ("infinite_id.cli", "generate_main", "make images of a person from one photo"),
     "compare": ("infinite_id.cli", "compare_main", "a labelled grid across methods, strengths or styles"),
-    "download": ("infinite_id.models.hub", "download_main", "fetch every weight file the app needs (or --dry-run)"),
+    "download": ("infinite_id.models.options", "download_main", "fetch every weight file the app needs (or --dry-run)"),
     "train": ("infinite_id.training.trainer", "main", "identity-enhanced training of a native checkpoint"),
     "evaluate": ("infinite_id.evaluation.run", "main", "CLIP-T, CLIP-I and face similarity per method"),
 }

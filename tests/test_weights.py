@@ -23,11 +23,11 @@ from infinite_id.models.hub import (
     Location,
     MissingWeightsError,
     Needed,
-    download_main,
     plan_files,
     resolve,
     startup_check,
 )
+from infinite_id.models.options import add_model_arguments, download_main, settings_from_args
 from infinite_id.testing import CROSS_DIM, VISION_DIM, tiny_pipeline
 
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -131,8 +131,8 @@ def test_settings_from_environment_and_flags(monkeypatch):
     import argparse
 
     parser = argparse.ArgumentParser()
-    hub.add_model_arguments(parser)
-    flags = hub.settings_from_args(parser.parse_args(["--adapter", "plus-face", "--s-scale", "0.5"]), env)
+    add_model_arguments(parser)
+    flags = settings_from_args(parser.parse_args(["--adapter", "plus-face", "--s-scale", "0.5"]), env)
     assert (flags.base_model, flags.adapter, flags.s_scale) == ("me/my-sdxl", "plus-face", 0.5)
 
 

@@ -74,7 +74,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="fast mode: load the default step-distilled LoRA (same as --fast-mode hyper-sd) and run 8 steps",
     )
     try:
-        from .hub import add_model_arguments
+        from .options import add_model_arguments
     except ImportError:  # a build without the real-weights loader: only the tiny engine
         return
     add_model_arguments(parser)
@@ -83,7 +83,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def load_engine_from_args(args: argparse.Namespace) -> Engine:
     if args.engine == "tiny":
         return load_engine("tiny")
-    from .hub import settings_from_args
+    from .options import settings_from_args
 
     models = settings_from_args(args)
     if getattr(args, "fast", False) and not models.fast_mode:

@@ -20,10 +20,7 @@ for buffalo_l when GitHub is unreachable.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -465,68 +462,3 @@ def local_file(location: Location, *, local_files_only: bool | None = None, cach
 
 
 # --- CLI --------------------------------------------------------------------------------------------------------
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags that choose weights, shared by ``download``, ``generate``, ``compare`` and the app."""
-    g = parser.add_argument_group("weights (each also an INFINITE_ID_* environment variable; see docs/weights.md)")
-    g.add_argument("--base-model", help="hub id, local diffusers folder, or one .safetensors file")
-    g.add_argument("--vae", help=f"VAE folder or hub id (default: {FP16_FIX_VAE} in fp16, else the base model's)")
-    g.add_argument("--image-encoder", help="CLIP ViT-H/14 image encoder (default: h94/IP-Adapter/models/image_encoder)")
-    g.add_argument("--adapter", choices=sorted(ADAPTERS), help=f"identity adapter (default: {DEFAULT_ADAPTER})")
-    g.add_argument("--adapter-path", help="a file for the identity adapter (local or hub owner/repo/file)")
-    g.add_argument("--adapter-lora", action="store_true", default=None, help="apply the LoRA inside FaceID files")
-    g.add_argument("--s-scale", type=float, help="FaceID-PlusV2 structure weight (default 1.0)")
-    g.add_argument("--fast-mode", help="hyper-sd or lightning: step-distilled LoRA and its scheduler (default off)")
-    g.add_argument("--fast-lora", dest="fast_lora_path", help="a local file for the fast-mode LoRA")
-    g.add_argument("--device", help="cpu, mps, cuda, cuda:1 ... (default: the best available)")
-    g.add_argument("--dtype", help="fp16, bf16 or fp32 (default: the device policy)")
-    g.add_argument("--memory-mode", choices=("none", "model", "sequential"), help="CPU offload mode")
-    g.add_argument("--variant", help="weight-file variant of the base model to fetch (default fp16; '' for none)")
-
-
-def settings_from_args(args: argparse.Namespace, base: ModelSettings | None = None) -> ModelSettings:
-    """``base`` (default ``SETTINGS.models``, i.e. defaults + environment) with the flags that were given."""
-    base = base or SETTINGS.models
-    names = {f.name for f in dataclasses.fields(ModelSettings)}
-    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if given.get("variant") == "":
-        given["variant"] = None
-    return dataclasses.replace(base, **given)
-
-
-def download_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=DOWNLOAD_COMMAND, description="Fetch the weights the app needs into the standard caches.")
-    parser.add_argument("--all", action="store_true", help="every adapter, both VAEs, both face packs, fast LoRAs")
-    parser.add_argument("--dry-run", action="store_true", help="list every file, its source and whether it is "
-                        "cached; no network access")
-    parser.add_argument("--face-root", help="insightface root (default: INFINITE_ID_FACE_ROOT or ~/.insightface)")
-    parser.add_argument("--face-pack", help="insightface pack (default: the one the adapter needs)")
-    add_model_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        models = settings_from_args(args)
-        resolved = resolve(models, face_pack=args.face_pack, face_root=args.face_root)
-        files = plan_files(resolved, everything=args.all)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    cache = hub_cache_dir()
-    if args.dry_run:
-        print(f"Hugging Face cache: {cache}\ninsightface root: {resolved.face_root}")
-        for item in files:
-            where = find_local(item, cache)
-            state = f"cached at {where}" if where else "MISSING"
-            print(f"[{item.role}] {item.filename}\n    source: {item.source}\n    {state}")
-        missing = sum(find_local(i, cache) is None for i in files)
-        command = DOWNLOAD_COMMAND + (" --all" if args.all else "")
-        print(f"{len(files)} files, {missing} missing." + (f" Run `{command}` to fetch them." if missing else ""))
-        return 0
-    try:
-        fetch_all(files, heading="The download is incomplete")
-    except MissingWeightsError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    print(f"All {len(files)} files are in place (Hugging Face cache: {cache}; faces: {resolved.face_root}).")
-    return 0
