@@ -38,7 +38,7 @@ def serve(engine=None, *, max_size: int | None = None, session_jobs: int | None 
                           **build)
     port = free_port()
     app.enable_queue(demo, max_size=max_size, session_jobs=session_jobs).launch(
-        **app.launch_options("127.0.0.1", port), prevent_thread_lock=True, quiet=True
+        **app.launch_options("127.0.0.1", port, demo=demo), prevent_thread_lock=True, quiet=True
     )
     try:
         yield demo, f"http://127.0.0.1:{port}/"

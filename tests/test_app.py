@@ -71,8 +71,8 @@ def test_tiny_engine_banner_and_launch_settings(served):
     markdown = " ".join(str(c.get("props", {}).get("value", "")) for c in config["components"])
     assert TINY_BANNER in markdown
     assert demo.delete_cache == app.DELETE_CACHE
-    assert demo._queue.max_size == app.QUEUE_OPTIONS["max_size"]
-    assert demo._queue.default_concurrency_limit == 1
+    assert demo.serving["max_size"] == app.QUEUE_OPTIONS["max_size"]
+    assert demo.serving["default_concurrency_limit"] == 1
     assert app.launch_options()["share"] is False and app.launch_options()["max_file_size"] > 0
 
 

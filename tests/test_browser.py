@@ -41,8 +41,8 @@ def url():
     engine = load_engine("tiny")
     demo = app.build_demo(lambda: engine.pipe, lambda: engine.face_analyzer, engine="tiny", banner=engine.banner)
     port = free_port()
-    demo.queue(**app.QUEUE_OPTIONS).launch(
-        **app.launch_options("127.0.0.1", port), prevent_thread_lock=True, quiet=True
+    app.enable_queue(demo).launch(
+        **app.launch_options("127.0.0.1", port, demo=demo), prevent_thread_lock=True, quiet=True
     )
     try:
         yield f"http://127.0.0.1:{port}/"

@@ -24,6 +24,7 @@ import app
 from infinite_id import service as gen
 from infinite_id.models.engines import load_engine
 from infinite_id.service import runner
+from infinite_id.ui import widgets
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -158,7 +159,7 @@ def test_full_queue_says_busy_queued_people_see_their_place_and_nothing_deadlock
 
     monkeypatch.setattr(runner, "run", held_run)
     with serve(engine, max_size=2) as (demo, url):  # production concurrency (1); a short queue to fill quickly
-        assert demo._queue.default_concurrency_limit == 1
+        assert demo.serving["default_concurrency_limit"] == 1
         a, b, c, d = (Client(url, verbose=False) for _ in range(4))
         base = dict(photo=handle_file(str(FACE)), prompt="a person", steps=2, api_name="/generate")
         running = a.submit(**base)
@@ -188,6 +189,71 @@ def test_full_queue_says_busy_queued_people_see_their_place_and_nothing_deadlock
         assert len(gallery) == 1
 
 
+def held_gpu(monkeypatch):
+    """``runner.run`` held until the returned gate is set; ``entered`` is set once a job holds the GPU slot."""
+    gate, entered = threading.Event(), threading.Event()
+    real_run = runner.run
+
+    def held_run(*args, **kwargs):
+        entered.set()
+        assert gate.wait(60)
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run", held_run)
+    return gate, entered
+
+
+def test_a_session_whose_browser_went_away_may_queue_again(engine, monkeypatch):
+    """The cap counts a job out when its end passes the session's event stream; a stream that is cut (the tab was
+    closed) releases the session's jobs, since Gradio drops its waiting jobs too."""
+    gate, entered = held_gpu(monkeypatch)
+    with serve(engine, max_size=4) as (demo, url):
+        fn = next(d["id"] for d in demo.get_config_file()["dependencies"] if d["api_name"] == "generate")
+        text_job = [None, "a lighthouse", "Watercolor", gen.DEFAULT_ASPECT, "", 1.0, 1.0, 1.0, 0.0, 1.0, 2, 5.0, 0,
+                    True, 1, "text", False, False, 0, None]
+        join = {"data": text_job, "fn_index": fn, "session_hash": "went-away"}
+        first = Client(url, verbose=False).submit(photo=handle_file(str(FACE)), prompt="a person", steps=2,
+                                                  api_name="/generate")
+        assert entered.wait(30)  # the GPU is busy, so the raw job below waits
+        assert httpx.post(f"{url}gradio_api/queue/join", json=join, timeout=30).status_code == 200
+        again = httpx.post(f"{url}gradio_api/queue/join", json=join, timeout=30)
+        assert again.status_code == 400 and again.json()["detail"] == app.BUSY_SESSION
+        with httpx.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": "went-away"},
+                          timeout=30) as stream:
+            assert next(stream.iter_lines()).startswith("data:")  # its place in the queue; then the tab closes
+        deadline, status = time.monotonic() + 15, 400
+        while time.monotonic() < deadline and status == 400:
+            status = httpx.post(f"{url}gradio_api/queue/join", json=join, timeout=30).status_code
+            time.sleep(0.2)
+        assert status == 200
+        gate.set()
+        assert len(first.result(timeout=60)[0]) == 1
+
+
+def test_session_jobs_count_each_job_once_whatever_order_its_end_arrives_in():
+    from infinite_id.ui import SessionJobs
+
+    jobs = SessionJobs(cap=1)
+    ticket = jobs.reserve("s")
+    assert ticket and jobs.reserve("s") is None and jobs.reserve("other")  # per session
+    jobs.bind("s", ticket, "e1")
+    assert jobs.count("s") == 1
+    jobs.finish("s", "e1")
+    assert jobs.count("s") == 0
+    ticket = jobs.reserve("s")
+    jobs.finish("s", "e2")  # its end passed the stream before Gradio's answer to the join did
+    jobs.bind("s", ticket, "e2")
+    assert jobs.count("s") == 0
+    jobs.bind("s", jobs.reserve("s"), None)  # Gradio refused the join (queue full): nothing is held
+    assert jobs.count("s") == 0
+
+    stale = SessionJobs(cap=1, stale_after_s=0.05)
+    stale.bind("s", stale.reserve("s"), "lost")  # an end that never arrives
+    assert stale.reserve("s") is None
+    time.sleep(0.1)
+    assert stale.reserve("s") is not None  # a last resort: never locked out for good
+
+
 # --- 3. faults ----------------------------------------------------------------------------------------------------
 
 
@@ -204,7 +270,7 @@ def test_out_of_memory_mid_generation_frees_memory_and_the_next_request_is_right
         return report
 
     with monkeypatch.context() as patch:
-        patch.setattr(app, "_progress_reporter", reporter)
+        patch.setattr(widgets, "progress_reporter", reporter)
         with pytest.raises(AppError, match="The GPU ran out of memory for this request"):
             generate(client, FACE, **SPECS[0])
     assert freed == [1]
@@ -296,7 +362,7 @@ def test_a_step_past_the_time_limit_is_cut_with_a_sentence(parallel, client, gol
 
     with monkeypatch.context() as patch:
         patch.setattr(parallel[0].handlers, "timeout_s", 0.3)
-        patch.setattr(app, "_progress_reporter", reporter)
+        patch.setattr(widgets, "progress_reporter", reporter)
         started = time.monotonic()
         with pytest.raises(AppError, match="took longer than this server allows"):
             generate(client, FACE, **{**SPECS[0], "steps": 50})

@@ -1,0 +1,133 @@
+"""The whole app's Blocks: the tabs put together, the Stop buttons wired across them, the queue and launch settings.
+
+``build_demo(get_pipeline, get_face_analyzer)`` lays out the tabs; ``enable_queue`` and ``launch_options`` hold
+the serving settings of DESIGN 7, shared by ``app.main`` and the tests. Every number is a
+``config.ServerSettings`` field (INFINITE_ID_* environment variables; docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import gradio as gr
+from starlette.middleware import Middleware
+
+from .. import service as gen
+from ..config import SERVER, SETTINGS
+from ..models.engines import TINY_STEPS
+from . import compare_tab, generate_tab, mix_tab
+from .queue import SessionCap
+from .services import OutputFolder, Services
+from .widgets import TabSettings
+
+ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
+TITLE = "Infinite-ID: your face, any prompt, any style"
+
+# DESIGN 7: bounded queue, one GPU job at a time, uploads capped, uploaded and generated files deleted after an
+# hour (checked every 30 minutes), no flagging (Blocks has none unless added), no share link unless asked for.
+QUEUE_OPTIONS = {"max_size": SERVER.queue_max_size, "default_concurrency_limit": 1}
+DELETE_CACHE = (SERVER.delete_cache_every_s, SERVER.delete_cache_age_s)
+
+CSS = """
+#engine-banner {background: #fff3cd; border: 2px solid #d39e00; border-radius: 8px; padding: 6px 12px;}
+#engine-banner p {color: #5c4400; margin: 0;}
+.similarity-note {font-size: 0.9em; opacity: 0.8;}
+"""
+
+INTRO = (f"# {TITLE}\nUpload one photo of a person, describe a scene, pick a style. Identity and text are handled "
+         "by two streams, so the prompt and the style stay in charge of the picture while the face stays the "
+         "person's.")
+FOOTER = (
+    "Similarity is the ArcFace cosine between the face in each output and the face in the photo (the same person "
+    "usually scores above about 0.4); *n/a* means no face was found in the output. Every PNG carries its prompt, "
+    "seed and settings, so it can be reproduced (`python -m infinite_id generate --reproduce image.png --photo "
+    "...`). Photos are used only for the request and deleted from the server within the hour."
+)
+
+
+def load_examples(engine: str) -> dict[str, list[list[str]]]:
+    """The examples manifest (assets/examples.json), keeping those whose photos this engine can read."""
+    path = ASSETS_DIR / "examples.json"
+    if not path.exists():
+        return {"generate": [], "mix": []}
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    keep = [e for e in manifest.get("generate", []) if e.get("engine", engine) == engine]
+    mixes = [e for e in manifest.get("mix", []) if e.get("engine", engine) == engine]
+    return {
+        "generate": [[str(ASSETS_DIR / e["photo"]), e["prompt"], e["style"]] for e in keep],
+        "mix": [[str(ASSETS_DIR / e["photo_a"]), str(ASSETS_DIR / e["photo_b"]), e["prompt"]] for e in mixes],
+    }
+
+
+def build_demo(get_pipeline: Callable, get_face_analyzer: Callable, *, engine: str = "real",
+               banner: str | None = None, steps: int | None = None, guidance: float = 5.0,
+               fast: bool = False, concurrency: int | None = None, delete_cache: tuple[int, int] | None = None,
+               timeout_s: float | None = None, guard: gen.OutputGuard | None = None) -> gr.Blocks:
+    """The app's Blocks. ``get_pipeline``/``get_face_analyzer`` return the already-loaded engine (the getters are
+    only called by handlers). ``engine`` ("real" or "tiny") picks the examples; ``banner`` is shown above
+    everything when given; ``steps``/``guidance``/``fast`` are the sliders' starting values (the loaded sampling
+    mode's: a fast-mode LoRA is fused at start-up, so its few steps are the right default).
+    ``concurrency`` (GPU jobs at once), ``delete_cache`` ((every_s, age_s)) and ``timeout_s`` (per request)
+    default to ``config.SERVER``, as does ``guard`` (watermark and safety check); the tests override them.
+    The shared services are ``demo.handlers``."""
+    delete_cache = delete_cache or DELETE_CACHE
+    # The app's own copies of the outputs follow the same age as Gradio's cache of them.
+    services = Services(get_pipeline, get_face_analyzer, OutputFolder(max_age_s=delete_cache[1]),
+                        timeout_s=timeout_s, guard=guard)
+    settings = TabSettings(
+        styles=gen.load_styles(), default_style=gen.default_style_name(),
+        steps=steps or (TINY_STEPS if engine == "tiny" else 30), guidance=guidance, fast=fast,
+        gpu_limit=max(1, int(concurrency or SERVER.gpu_concurrency)), examples=load_examples(engine),
+    )
+    with gr.Blocks(title="Infinite-ID", delete_cache=delete_cache, analytics_enabled=False) as demo:
+        gr.Markdown(INTRO)
+        if banner:
+            gr.Markdown(banner, elem_id="engine-banner")
+        with gr.Tabs():
+            tabs = [tab.build(services, settings) for tab in (generate_tab, compare_tab, mix_tab)]
+        gr.Markdown(FOOTER, elem_classes="similarity-note")
+
+        # Stop: cancel this session's job in Gradio and set its flag, so the pipeline call itself ends at the next
+        # step. Callable by API clients as /cancel (same session), undocumented.
+        runs = [tab.run for tab in tabs]
+        for tab in tabs:
+            tab.stop.click(services.cancel, None, None, cancels=runs, queue=False, api_name="cancel",
+                           api_visibility="undocumented")
+        services.sessions.gpu_fns.update(run["id"] for run in runs)  # the joins the per-session cap counts
+    demo.handlers = services  # for tests and for callers that want the cache statistics
+    return demo
+
+
+def enable_queue(demo: gr.Blocks, max_size: int | None = None, session_jobs: int | None = None) -> gr.Blocks:
+    """``demo.queue`` with the production options (``QUEUE_OPTIONS``), and the cap of ``session_jobs`` GPU jobs
+    waiting or running per browser session (``config.SERVER.session_jobs``), which ``launch_options(demo=demo)``
+    installs. The applied settings are kept in ``demo.serving``. Shared by ``main`` and the tests."""
+    options = {**QUEUE_OPTIONS, **({"max_size": max_size} if max_size else {})}
+    demo.queue(**options)
+    demo.handlers.sessions.cap = max(1, int(session_jobs or SERVER.session_jobs))
+    demo.serving = {**options, "session_jobs": demo.handlers.sessions.cap}
+    return demo
+
+
+def launch_options(host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+                   demo: gr.Blocks | None = None) -> dict:
+    """Everything ``Blocks.launch`` gets (DESIGN 7), shared by ``main`` and the tests. With ``demo`` (built by
+    ``build_demo``), its per-session job cap is installed as an ASGI middleware through ``app_kwargs``."""
+    options = {
+        "server_name": host,
+        "server_port": port,
+        "share": share,
+        "max_file_size": SETTINGS.images.max_file_bytes,
+        "allowed_paths": [str(ASSETS_DIR)],  # the example photos, wherever the app is started from
+        "footer_links": ["api", "gradio", "settings"],
+        "run_history": False,  # nobody's prompts or photos kept in a browser's history page
+        "ssr_mode": False,  # no Node server needed
+        "show_error": False,  # only our gr.Error sentences reach people, never raw exception text
+        "theme": gr.themes.Soft(),
+        "css": CSS,
+    }
+    if demo is not None:
+        options["app_kwargs"] = {"middleware": [Middleware(SessionCap, jobs=demo.handlers.sessions)]}
+    return options

@@ -1,0 +1,113 @@
+"""Pieces every tab uses: the photo widget, library errors as sentences, step progress, ZeroGPU."""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import gradio as gr
+
+logger = logging.getLogger("infinite_id.app")
+
+# Gradio finds a handler's progress tracker by its default value. A default is built once either way, and the
+# tracker keeps no per-call state for (done, total) updates (the event comes from a context variable).
+PROGRESS = gr.Progress()
+
+
+def photo_input(**kwargs) -> gr.Image:
+    """A ``gr.Image`` (upload, webcam, clipboard) whose handler gets the uploaded file untouched.
+
+    ``gr.Image`` opens every upload with PIL before the handler runs, so a damaged or non-image file fails inside
+    Gradio with a bare "Error". This widget's preprocess is replaced (on the instance: a subclass would make
+    Gradio write a .pyi stub next to this file) by one that passes the file's path, or the bytes of a data URL,
+    so ``infinite_id.images.load_image`` decides, with a sentence a person understands.
+    """
+    kwargs.setdefault("sources", ["upload", "webcam", "clipboard"])
+    image = gr.Image(type="filepath", image_mode=None, **kwargs)
+
+    def preprocess(payload):
+        if payload is None:
+            return None
+        if payload.url and payload.url.startswith("data:"):  # inline uploads (API clients may send these)
+            header, _, data = payload.url.partition(",")
+            return base64.b64decode(data) if header.endswith(";base64") else unquote_to_bytes(data)
+        return str(payload.path) if payload.path else None
+
+    image.preprocess = preprocess
+    return image
+
+
+@contextmanager
+def user_errors():
+    """Library errors -> ``gr.Error`` sentences; anything else is logged and answered with a generic sentence.
+    The server keeps serving either way. Messages are HTML-escaped: Gradio renders them as HTML."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except (ValueError, FileNotFoundError) as error:
+        # Every user-facing error of the library is one of these, with a sentence for the person: a bad image,
+        # no usable face, a blank or out-of-memory generation, a cancelled job, missing weights.
+        raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from None
+    except Exception:
+        logger.exception("A request failed")
+        raise gr.Error(
+            "Something went wrong on our side. Please try again; if it keeps happening, the server log has "
+            "the details.",
+            print_exception=False,
+        ) from None
+
+
+def on_gpu(function: Callable, duration: int = 120) -> Callable:
+    """On a ZeroGPU Space, ``spaces.GPU`` attaches a GPU for the duration of each call; elsewhere a no-op.
+    ``app.py`` imports ``spaces`` first (before torch sets up CUDA); here it is only looked up."""
+    try:
+        import spaces
+    except ImportError:
+        return function
+    return spaces.GPU(duration=duration)(function)
+
+
+def progress_reporter(progress: gr.Progress, desc: str):
+    """The library's step callback ``(done, total)`` as Gradio progress in steps."""
+
+    def report(done: int, total: int) -> None:
+        progress((done, total), desc=desc, unit="steps")
+
+    return report
+
+
+@dataclass(frozen=True)
+class TabSettings:
+    """What every tab builder needs to know about the app: the style presets, the sliders' starting values (the
+    loaded sampling mode's), the examples and how many GPU jobs may run at once."""
+
+    styles: dict
+    default_style: str
+    steps: int
+    guidance: float
+    fast: bool
+    gpu_limit: int
+    examples: dict[str, list[list[str]]] = field(default_factory=dict)
+
+    @property
+    def style_choices(self) -> list[str]:
+        return list(self.styles)
+
+    def recommended_strength(self, name: str) -> float:
+        return self.styles[name].style_strength if name in self.styles else 1.0
+
+
+@dataclass(frozen=True)
+class TabEvents:
+    """What a tab hands back to the app: its GPU event (the Stop buttons of every tab cancel all of them) and its
+    Stop button (wired by the app, which knows every tab's event)."""
+
+    run: Any
+    stop: gr.Button
