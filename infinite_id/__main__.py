@@ -14,7 +14,7 @@ COMMANDS = {
     "compare": ("infinite_id.cli", "compare_main", "a labelled grid across methods, strengths or styles"),
     "download": ("infinite_id.models.options", "download_main", "fetch every weight file the app needs (or --dry-run)"),
     "train": ("infinite_id.training.trainer", "main", "identity-enhanced training of a native checkpoint"),
-    "evaluate": ("infinite_id.evaluation.run", "main", "CLIP-T, CLIP-I and face similarity per method"),
+    "evaluate": ("infinite_id.evaluation.cli", "main", "CLIP-T, CLIP-I and face similarity per method"),
 }
 
 
