@@ -40,6 +40,9 @@ class FaceSettings:
     min_det_score: float = 0.5
     floor_det_score: float = 0.3  # below this a detection is noise ("no face"); up to min_det_score, "unclear face"
     min_face_px: int = 48  # shorter side of the face box, in pixels of the uploaded photo
+    # Mean brightness (0-255) under which a photo with no face found is called too dark rather than faceless
+    # (MTCNN still finds the astronaut darkened to a mean of 13, not at 9; the Hubble deep field's mean is 19).
+    dark_brightness: float = 16.0
     pad_fraction: float = 0.5  # padding retry: a black border this fraction of the longer side, on every side
     clip_crop_size: int = 224  # the aligned crop for the CLIP image encoder
     clip_crop_context: float = 1.0  # 1.0: insightface's norm_crop framing (IP-Adapter-FaceID-Plus's); >1 zooms out
