@@ -331,6 +331,17 @@ def select_face(faces: Sequence[FaceResult], index: int = 0) -> FaceResult:
     return faces[int(index)]
 
 
+def faces_found_note(faces: Sequence[FaceResult], picked: int = 0) -> str:
+    """The sentence that goes with a photo's faces: how many, which one is used, and that another can be picked."""
+    if not faces:
+        raise NoFaceError()
+    if len(faces) == 1:
+        return "One face found."
+    which = "the largest" if picked == 0 else f"number {picked} from the largest"
+    return (f"{len(faces)} faces found. Using face {picked}, {which}: pick another face to use it instead "
+            f"(faces are numbered 0 to {len(faces) - 1} from the largest).")
+
+
 def average_embeddings(items: Sequence[FaceResult | AveragedFace | np.ndarray]) -> np.ndarray:
     """The identity of several photos of one person: the mean of their unit embeddings, renormalised."""
     vectors = [_embedding_of(item) for item in items]

@@ -187,6 +187,8 @@ def tiny_face_analyzer(seed: int = 0, **kwargs):
         kwargs["session_options"] = options
     analyzer = FaceAnalyzer(pack=pack, root=str(root), **kwargs)
     analyzer.random_recognizer = True
+    if getattr(analyzer.fallback, "name", None) == "MTCNN":
+        analyzer.detector_name = "MTCNN, after the test pack's synthetic-face detector"
     return analyzer
 
 

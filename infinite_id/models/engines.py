@@ -46,6 +46,12 @@ class Engine:
         )
 
     @property
+    def identity_note(self) -> str | None:
+        """A sentence the page must show when identity scores mean nothing (the tiny engine's random
+        recognizer; its detector is real), else None."""
+        return getattr(self.face_analyzer, "identity_note", None)
+
+    @property
     def steps(self) -> int:
         """Default number of steps: the loaded sampling mode's (30, or 8 in fast mode), a few for the tiny engine."""
         defaults = getattr(self.pipe, "sampling_defaults", None)
