@@ -76,6 +76,8 @@ class ModelSettings:
     device: str | None = None
     dtype: str | None = None
     memory_mode: str = "none"  # none | model (model CPU offload) | sequential (sequential CPU offload)
+    # Only models whose licence permits commercial use (infinite_id.models.licences; docs/weights.md).
+    license_clean: bool = False
 
 
 def model_settings_from_env() -> ModelSettings:
@@ -96,6 +98,7 @@ def model_settings_from_env() -> ModelSettings:
         device=_env_str("INFINITE_ID_DEVICE"),
         dtype=_env_str("INFINITE_ID_DTYPE"),
         memory_mode=_env_str("INFINITE_ID_MEMORY_MODE") or d.memory_mode,
+        license_clean=os.environ.get("INFINITE_ID_LICENSE_CLEAN", "").strip().lower() in ("1", "true", "yes", "on"),
     )
 
 

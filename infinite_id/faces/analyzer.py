@@ -168,6 +168,7 @@ class FaceAnalyzer:
         self.recognizer = get_model(str(recognizer_file), **options)
         if type(self.recognizer).__name__ != "ArcFaceONNX":
             raise FaceModelMissingError(f"{recognizer_file} is not an ArcFace recognizer.", self.folder)
+        self.recognizer_file = recognizer_file
         self.recognizer_name = f"ArcFace-type recognizer {recognizer_file.name} ({self.pack})"
         if detector is None and detector_file is None:
             logger.info("The face pack %s has no face detector; using MTCNN.", self.folder)
