@@ -283,7 +283,9 @@ def plan_files(resolved: Resolved, everything: bool = False, faces: bool = True)
         adapters += [loc for a in ADAPTERS.values() if a.repo_id
                      if (loc := Location(a.repo_id, a.filename or "")) not in adapters]
         loras += [loc for m in FAST_MODES.values() if (loc := Location(m.repo_id, m.filename)) not in loras]
-        packs += [p for p in FACE_PACK_FILES if p not in packs]
+        # The packs the adapters read (buffalo_l, antelopev2); AuraFace comes with --license-clean.
+        adapter_packs = {a.face_pack for a in ADAPTERS.values() if a.face_pack} | {SETTINGS.faces.pack}
+        packs += [p for p in FACE_PACK_FILES if p in adapter_packs and p not in packs]
     for vae in vaes:
         files += [_single(vae, "VAE")] if vae.is_file else _folder_files(
             vae, "VAE", ["config.json", "diffusion_pytorch_model.safetensors"])
