@@ -101,7 +101,7 @@ class Detector(Protocol):
     """What ``FaceAnalyzer`` needs from a detector: insightface ``SCRFD.detect``'s own signature and result.
 
     ``image_bgr``: HxWx3 uint8 BGR. Returns ``(dets, kpss)``: N x 5 (x1, y1, x2, y2, score) and N x 5 x 2.
-    This is the seam where another detector can stand in (the tests plug a real MTCNN in here).
+    This is the seam where another detector stands in (``faces.mtcnn.MtcnnDetector`` is one).
     """
 
     def detect(
