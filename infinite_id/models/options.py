@@ -37,6 +37,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", help="fp16, bf16 or fp32 (default: the device policy)")
     g.add_argument("--memory-mode", choices=("none", "model", "sequential"), help="CPU offload mode")
     g.add_argument("--variant", help="weight-file variant of the base model to fetch (default fp16; '' for none)")
+    g.add_argument("--license-clean", action="store_true", default=None,
+                   help="load only models whose licence permits commercial use (SDXL base, IP-Adapter-Plus-Face, "
+                        "MTCNN, AuraFace; see docs/weights.md); refuse any other, naming it")
 
 
 def settings_from_args(args: argparse.Namespace, base: ModelSettings | None = None) -> ModelSettings:
@@ -74,7 +77,7 @@ def download_main(argv: list[str] | None = None) -> int:
             state = f"cached at {where}" if where else "MISSING"
             print(f"[{item.role}] {item.filename}\n    source: {item.source}\n    {state}")
         missing = sum(find_local(i, cache) is None for i in files)
-        command = DOWNLOAD_COMMAND + (" --all" if args.all else "")
+        command = DOWNLOAD_COMMAND + (" --all" if args.all else "") + (" --license-clean" if models.license_clean else "")
         print(f"{len(files)} files, {missing} missing." + (f" Run `{command}` to fetch them." if missing else ""))
         return 0
     try:

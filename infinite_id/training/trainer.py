@@ -57,6 +57,10 @@ class TrainConfig:
     init_from: str | None = None  # a native checkpoint to start from
     log_every: int = 10
     encoder: dict = field(default_factory=dict)  # InfiniteIDEncoder overrides (face_tokens, face_hidden_dim, ...)
+    # The face recognizer whose embeddings the checkpoint learns from: an insightface pack ("buffalo_l",
+    # "antelopev2") or "auraface" (Apache-2.0), which trains with the licence-clean setup (MTCNN, no
+    # non-commercial model) and gives a checkpoint the licence-clean mode loads. Recorded in the checkpoint.
+    recognizer: str = "buffalo_l"
 
     @property
     def cache(self) -> Path:
@@ -106,9 +110,18 @@ def build_engine(config: TrainConfig):
         from ..testing import tiny_face_analyzer, tiny_pipeline
 
         return tiny_pipeline(seed=config.seed, face_analyzer=tiny_face_analyzer())
+    from ..config import SETTINGS
+    from ..models.licences import CLEAN_PACK
     from ..models.loading import load_pipeline
 
-    return load_pipeline(dtype=torch.float32, adapter=None)
+    if config.recognizer == CLEAN_PACK:
+        return load_pipeline(dtype=torch.float32, models=dataclasses.replace(SETTINGS.models, license_clean=True))
+    return load_pipeline(dtype=torch.float32, adapter=None, face_pack=config.recognizer)
+
+
+def recognizer_record(config: TrainConfig) -> str:
+    """What the checkpoint says its face embeddings came from (the licence-clean mode reads it)."""
+    return "tiny random recognizer" if config.engine == "tiny" else config.recognizer
 
 
 def new_encoder(pipe, config: TrainConfig) -> InfiniteIDEncoder:
@@ -299,7 +312,9 @@ class Trainer:
             self.ema.copy_to(params)
         try:
             holder = SimpleNamespace(unet=model.unet, id_encoder=model.encoder)
-            return save_checkpoint(holder, path, extra={"trained_steps": self.step, "empty_prompt": "encoded"})
+            extra = {"trained_steps": self.step, "empty_prompt": "encoded", "face_recognizer": recognizer_record(
+                self.config)}
+            return save_checkpoint(holder, path, extra=extra)
         finally:
             if self.ema is not None:
                 self.ema.restore(params)
