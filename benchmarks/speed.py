@@ -331,6 +331,7 @@ class Bench:
 
     def __init__(self, engine: Engine, args: argparse.Namespace, modes: list[Mode], backend=backends.SDPA):
         self.engine, self.args, self.modes = engine, args, modes
+        self.quantized = 0
         device = torch.device(args.device)
         scheduler = fast_modes.scheduler_for(fast_modes.fast_mode(args.fast), testing.tiny_scheduler().config)
         parts = dict(vae=engine.vae, text_encoder=engine.text_encoder, text_encoder_2=engine.text_encoder_2,
@@ -359,15 +360,14 @@ class Bench:
             pipe.set_progress_bar_config(disable=True)
         if args.quantize != "off":
             # After the pipelines exist: our identity K/V projections are UNet Linear layers too (shared weights).
-            info = tiers.quantize_unet(engine.unet)
-            print(f"UNet: {info} Linear layers in int8 weight-only (torchao)")
+            self.quantized = tiers.quantize_unet(engine.unet)
         self._place()
         self.eager_unets = {key: pipe.unet for key, pipe in self.pipes.items()}
         if args.compile != "off":
             for key, pipe in self.pipes.items():
                 if key == "plain" and args.compile_skip_plain:
                     continue  # the baseline stays stock diffusers, uncompiled
-                compile_unet(pipe, args.compile)
+                compile_unet(pipe, args.compile, backend=args.compile_backend)
         self.timer = UNetTimer([pipe.unet for pipe in self.pipes.values()], device)
 
     def _place(self) -> None:
@@ -575,6 +575,7 @@ def run(args: argparse.Namespace, modes: list[Mode]) -> dict:
         engine.unet.to(memory_format=torch.channels_last)
     bench = Bench(engine, args, modes, backend)
     info = {"build_s": round(build_s, 1), "attention_used": backend.name,
+            **({"quantized_linear_layers": bench.quantized} if bench.quantized else {}),
             "weights_gb": round(parameter_bytes(engine.unet, engine.vae, engine.text_encoder,
                                                 engine.text_encoder_2, engine.id_encoder) / 1e9, 2)}
     if args.explain:
@@ -742,7 +743,8 @@ def markdown(result: dict) -> str:
         f"- versions: torch {result['versions']['torch']}, diffusers {result['versions']['diffusers']}, "
         f"transformers {result['versions']['transformers']}, python {result['versions']['python']}",
         f"- model: {'TINY test components (sanity run, not SDXL)' if s['quick'] else 'SDXL base architecture, random weights'}"
-        f"; guidance {s['guidance']}; VAE decode {'skipped' if s['skip_vae'] else 'included'}; attention {s['attention']}; "
+        f"; guidance {s['guidance']}; VAE decode {'skipped' if s['skip_vae'] else 'included'}; attention {s['attention']}"
+        f"{' (used: ' + result['info']['attention_used'] + ')' if 'attention_used' in result['info'] else ''}; "
         f"compile {s['compile']}; channels_last {s['channels_last']}; memory {s['memory']}"
         f"{'; VAE slicing' if s['vae_slicing'] else ''}{'; VAE tiling' if s['vae_tiling'] else ''}"
         f"{'; fast mode ' + s['fast'] if s['fast'] != 'off' else ''}",
@@ -777,6 +779,14 @@ def markdown(result: dict) -> str:
                      + "; ".join(f"{name} {v['tflop']:.2f} ({v['x_plain']:.3f})" for name, v in flops.items()))
         lines.append("- TFLOP per image at 30 steps, prompt encoding and decodes included (x plain): "
                      + "; ".join(f"{name} {v['tflop']:.1f} ({v['x_plain']:.3f})" for name, v in per_image.items()))
+    if "compile_first_call_s" in info:
+        lines.append(f"- torch.compile ({s['compile']}, backend {s.get('compile_backend', 'inductor')}"
+                     f"{', plain left uncompiled' if s.get('compile_skip_plain') else ''}): first call of each batch "
+                     "layout, compilation + one step, not in the timed rounds: " + "; ".join(
+                         f"{pipe}: {layout} {sec:.1f} s" for pipe, layouts in info["compile_first_call_s"].items()
+                         for layout, sec in layouts.items()))
+    if "quantized_linear_layers" in info:
+        lines.append(f"- UNet int8 weight-only (torchao): {info['quantized_linear_layers']} Linear layers")
     if "id_encoder" in info:
         lines.append("- per photo (not per step): " + ", ".join(f"{k} {v:.4f} s" for k, v in info["id_encoder"].items()))
     if "graph_breaks" in info:
@@ -830,6 +840,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", choices=("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead"),
                    default="off", help="torch.compile the UNet (our processors inside the graph), through "
                    "infinite_id.models.loading.compile_unet: one graph per batch layout, first calls reported apart")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: a dry run of the "
+                   "compile path without code generation, for gpu.sh QUICK=1 on a CPU)")
     p.add_argument("--compile-skip-plain", action="store_true",
                    help="leave plain SDXL uncompiled (compiled ours against stock diffusers)")
     p.add_argument("--vram-tier", choices=tiers.TIER_NAMES, help="a VRAM tier's options (models/tiers.py): its "

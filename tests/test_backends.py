@@ -36,6 +36,9 @@ def broken_xformers(tmp_path, monkeypatch):
     root = tmp_path / "site"
     (root / "xformers" / "ops" / "fmha").mkdir(parents=True)
     (root / "xformers" / "__init__.py").write_text(f'__version__ = "{BROKEN_VERSION}"\n')
+    # The real wheel records the torch it was built for here (python -m xformers.info shows it too).
+    (root / "xformers" / "cpp_lib.json").write_text(
+        '{"version": {"cuda": 1208, "torch": "2.10.0+cu128", "python": "3.10.19"}}')
     raising = textwrap.dedent(f"""
         def _no_operator(*args, **kwargs):
             raise NotImplementedError({NO_OPERATOR!r})
@@ -61,7 +64,8 @@ def test_auto_falls_back_to_sdpa_when_xformers_raises(broken_xformers, caplog):
     assert chosen is backends.SDPA
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1, lines  # one line, saying why
-    assert f"xformers {BROKEN_VERSION} cannot run" in lines[0] and "NotImplementedError" in lines[0]
+    assert f"xformers {BROKEN_VERSION} (built for torch 2.10.0+cu128) cannot run" in lines[0]
+    assert "NotImplementedError" in lines[0]
     assert torch.__version__ in lines[0]
 
 
@@ -69,7 +73,8 @@ def test_explicit_xformers_that_cannot_run_stops_with_one_sentence_naming_both_v
     with pytest.raises(backends.AttentionBackendError) as caught:
         backends.resolve_backend("xformers", "cpu", torch.float16)
     message = str(caught.value)
-    assert f"xformers {BROKEN_VERSION}" in message and f"torch {torch.__version__}" in message
+    assert f"xformers {BROKEN_VERSION} (built for torch 2.10.0+cu128)" in message
+    assert f"with torch {torch.__version__}" in message
     assert "No operator found" in message and "--attention auto or sdpa" in message
     assert message.endswith(".") and ". " not in message  # one sentence
 

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -116,13 +118,24 @@ SDPA = SDPABackend()
 
 
 def installed_versions() -> tuple[str | None, str]:
-    """(xformers version or None when it is not installed, torch version), read without importing xformers."""
-    if importlib.util.find_spec("xformers") is None:
+    """(xformers version or None when it is not installed, torch version), read without importing xformers.
+
+    The xformers version names the torch its kernels were built for when the wheel records it (its
+    ``cpp_lib.json``, also shown by ``python -m xformers.info``): "0.0.35 (built for torch 2.10.0+cu128)"."""
+    spec = importlib.util.find_spec("xformers")
+    if spec is None:
         return None, torch.__version__
     try:
         version = importlib.metadata.version("xformers")
     except importlib.metadata.PackageNotFoundError:
         version = "of unknown version"
+    for folder in spec.submodule_search_locations or ():
+        try:
+            built = json.loads((Path(folder) / "cpp_lib.json").read_text())["version"]["torch"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        version += f" (built for torch {built})"
+        break
     return version, torch.__version__
 
 
