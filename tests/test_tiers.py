@@ -137,3 +137,23 @@ def test_the_tier_estimates_meet_the_goals():
         assert max(memory.tier_peaks(m, tier.memory_mode, tier.quantize == "int8").values()) <= goal, name
         if tier.fallback_memory_mode:
             assert max(memory.tier_peaks(m, tier.fallback_memory_mode, False).values()) <= goal, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["8", "6"])
+def test_offload_tiers_on_cuda_keep_the_images(name, identity):
+    # On a GPU the offload hooks really move weights; tier 6 quantizes with torchao where it runs, else it takes its
+    # sequential-offload fallback. fp16 on both sides: exact tiers within fp16 rounding, int8 within its error.
+    cuda = torch.device("cuda")
+    reference = tiny_pipeline(seed=0, face_analyzer=None).to(torch.float16)
+    tiers.apply(reference, tiers.TIERS["24"], cuda)
+    want = images(reference, identity).float()
+    pipe = tiny_pipeline(seed=0, face_analyzer=None).to(torch.float16)
+    applied = tiers.apply(pipe, tiers.TIERS[name], cuda)
+    got = images(pipe, identity).float()
+    assert torch.isfinite(got).all()
+    if applied.exact:
+        assert (got - want).abs().max().item() <= 1e-2, applied
+    else:
+        assert (got - want).abs().mean().item() < 0.02, applied
