@@ -157,3 +157,9 @@ def test_offload_tiers_on_cuda_keep_the_images(name, identity):
         assert (got - want).abs().max().item() <= 1e-2, applied
     else:
         assert (got - want).abs().mean().item() < 0.02, applied
+
+
+def test_a_memory_mode_is_checked_even_where_it_is_ignored():
+    assert tiers.choose("auto", None, memory_mode="model").memory_mode == "none"  # a CPU: nothing to offload from
+    with pytest.raises(ValueError, match="memory_mode must be one of"):
+        tiers.choose("auto", None, memory_mode="disk")

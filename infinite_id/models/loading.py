@@ -77,9 +77,7 @@ def load_pipeline(
     logger.info("Device: %s", device_plan.reason)
     # 1b. Attention kernel, VRAM tier and compile settle before anything loads: a wrong request fails in seconds.
     backend = resolve_backend(models.attention, device_plan.device, device_plan.dtype)
-    accelerator = device_plan.is_accelerator
-    tier = tiers.choose(models.vram_tier, free_memory(device_plan.device) if accelerator else None,
-                        models.memory_mode if accelerator else None)
+    tier = tiers.choose(models.vram_tier, free_memory(device_plan.device), models.memory_mode)
     compile_mode = _check_compile(models.compile, tier)
     resolved = hub.resolve(models, fp16=device_plan.dtype == torch.float16, face_pack=face_pack, face_root=face_root)
     cache = Path(cache_dir).expanduser() if cache_dir else hub.hub_cache_dir()

@@ -86,7 +86,8 @@ def pick_tier(free_bytes: int) -> Tier:
 
 def choose(choice: str | None, free: tuple[int, int] | None, memory_mode: str | None = None) -> Tier:
     """The tier for ``choice`` ("auto" or a name), given the accelerator's (free, total) bytes or None without
-    one; an explicit ``memory_mode`` replaces the tier's placement. Logs one line saying which and why."""
+    one; an explicit ``memory_mode`` replaces the tier's placement (without an accelerator there is nothing to
+    offload from: it is checked, then ignored). Logs one line saying which and why."""
     choice = str(choice or "auto").lower().removesuffix("gb")
     if choice not in CHOICES:
         raise ValueError(f"vram_tier must be one of {', '.join(CHOICES)}; got {choice!r}.")
@@ -101,7 +102,7 @@ def choose(choice: str | None, free: tuple[int, int] | None, memory_mode: str | 
             why += ", less than tier 6 is made for: expect out-of-memory errors at 1024²"
     else:
         tier, why = TIERS[choice], "as asked"
-    if memory_mode is not None and memory_mode != tier.memory_mode:
+    if memory_mode is not None and memory_mode != tier.memory_mode and free is not None:
         tier = dataclasses.replace(tier, memory_mode=memory_mode, note=f"{tier.note}; memory mode {memory_mode} as asked")
     logger.info("VRAM tier %s (%s): %s", tier.name, why, describe(tier))
     return tier
