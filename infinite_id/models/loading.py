@@ -231,6 +231,12 @@ def compile_unet(pipe, mode: str = "default", backend: str | object = "inductor"
     itself and recompile at every call (the projections it saves are about 1% of a step at 1024²). Each layout's
     first call is logged with its time (compilation plus one step), and kept in ``pipe.compile_report``.
     """
+    # Dynamo's default of 8 graphs per function would send the 9th layout (9 aspect presets x 3 layouts) back to
+    # eager; the limit is process-wide, and the process that asks for --compile is the one serving this pipeline.
+    config = torch._dynamo.config
+    for key in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, key):
+            setattr(config, key, max(getattr(config, key), 64))
     compiled = torch.compile(pipe.unet, mode=None if mode == "default" else mode, backend=backend, dynamic=False)
     compiled.register_forward_pre_hook(_without_ip_cache, with_kwargs=True)
     report = _FirstCalls()

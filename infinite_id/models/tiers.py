@@ -4,13 +4,16 @@
 ``24``, ``16``, ``12``, ``8`` or ``6`` name one. An explicit ``--memory-mode`` overrides the tier's placement.
 On a CPU (or MPS, whose free memory torch cannot report) no tier applies.
 
-| tier | placement | VAE | UNet weights | faithful 1024² peak allocated |
+| tier | placement | VAE | UNet weights | faithful 1024² peak allocated (GB) |
 | --- | --- | --- | --- | --- |
-| 24 | all resident | as is | fp16 | 10.37 GB measured (H200) |
+| 24 | all resident | as is | fp16 | 11.6 estimated with the CLIP tower (10.37 measured on an H200 without it) |
 | 16 | all resident | slicing | fp16 | the same for one image; slicing bounds the decode of several |
-| 12 | all resident | slicing | fp16 | the same: fits 12 GiB (12.9 GB) with room for the CUDA context |
-| 8 | model offload | slicing + tiling | fp16 | estimate in benchmarks/README.md ("VRAM tiers") |
-| 6 | model offload | slicing + tiling | int8 weight-only (torchao) | estimate there; without torchao: sequential offload |
+| 12 | all resident | slicing | fp16 | the same: under 12 GiB (12.9 GB), with room for the CUDA context |
+| 8 | model offload | slicing + tiling | fp16 | 7.6 estimated |
+| 6 | model offload | slicing + tiling | int8 weight-only (torchao) | 5.1 estimated; without torchao, sequential offload: 2.8 |
+
+Estimates: ``benchmarks/memory.py`` (live tensor bytes on the meta device, calibrated on the H200 run); the method
+and the per-phase table are in benchmarks/README.md ("VRAM tiers"). ``benchmarks/gpu.sh`` measures tiers 8 and 6.
 
 Why these options and not others:
 
