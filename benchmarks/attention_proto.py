@@ -54,7 +54,6 @@ from infinite_id.method.attention import (  # noqa: E402
     IDCrossAttnProcessor,
     MixedSelfAttnProcessor,
     _heads,
-    attention,
 )
 
 # ----------------------------------------------------------------------------------------------- per-call inputs
@@ -163,7 +162,7 @@ class FastMixedSelfAttnProcessor(MixedSelfAttnProcessor):
         ids, texts, others = id_call.id_slice, id_call.text_slice, id_call.other_slice
         if others is not None:
             # Rows outside the identity stream: plain attention on views of q/k/v.
-            part = attention(_heads(q[others], heads), _heads(k[others], heads), _heads(v[others], heads))
+            part = self.backend(_heads(q[others], heads), _heads(k[others], heads), _heads(v[others], heads))
             out[others] = part.transpose(1, 2)
 
         k_mix, v_mix = self._mixed_kv(k[ids], k[texts], id_call), self._mixed_kv(v[ids], v[texts], id_call)
@@ -171,7 +170,7 @@ class FastMixedSelfAttnProcessor(MixedSelfAttnProcessor):
         if id_call.semantic_scale > 0 and id_call.semantic_scale != 1:
             bias = torch.zeros(1, 1, 1, k_mix.shape[1], dtype=q.dtype, device=q.device)
             bias[..., n:] = math.log(id_call.semantic_scale)
-        part = attention(_heads(q[ids], heads), _heads(k_mix, heads), _heads(v_mix, heads), bias)
+        part = self.backend(_heads(q[ids], heads), _heads(k_mix, heads), _heads(v_mix, heads), bias)
         out[ids] = part.transpose(1, 2)
         return self._leave(attn, out.view(batch, n, -1), hidden_states, hidden_states.shape)
 
@@ -212,10 +211,10 @@ class FastIDCrossAttnProcessor(IDCrossAttnProcessor):
         heads = attn.heads
         q = attn.to_q(hidden_states)
         k, v = self._text_kv(attn, encoder_hidden_states)
-        out = attention(_heads(q, heads), _heads(k, heads), _heads(v, heads)).transpose(1, 2).contiguous()
+        out = self.backend(_heads(q, heads), _heads(k, heads), _heads(v, heads)).transpose(1, 2).contiguous()
         if id_call.id_scale:
             ip_k, ip_v, bias = self._ip_kv(id_call, q.dtype)
-            image = attention(_heads(q[id_call.id_slice], heads), _heads(ip_k, heads), _heads(ip_v, heads), bias)
+            image = self.backend(_heads(q[id_call.id_slice], heads), _heads(ip_k, heads), _heads(ip_v, heads), bias)
             out[id_call.id_slice].add_(image.transpose(1, 2), alpha=id_call.id_scale)  # in place, on a view
         return self._leave(attn, out.view(batch, n, -1), hidden_states, hidden_states.shape)
 
@@ -243,8 +242,9 @@ class FastIDCrossAttnProcessor(IDCrossAttnProcessor):
         return cached
 
 
-def install_fast_processors(unet) -> dict:
-    """Swap the package's processors for the prototype's, sharing their weights. Returns the previous ones."""
+def install_fast_processors(unet, backend=None) -> dict:
+    """Swap the package's processors for the prototype's, sharing their weights (and the attention backend, or
+    ``backend`` when given). Returns the previous ones."""
     previous = dict(unet.attn_processors)
     fast = {}
     for name, proc in previous.items():
@@ -256,6 +256,8 @@ def install_fast_processors(unet) -> dict:
             new = FastMixedSelfAttnProcessor(proc.name)
         else:
             new = proc
+        if new is not proc:
+            new.backend = backend or proc.backend
         fast[name] = new
     unet.set_attn_processor(fast)
     return previous

@@ -53,6 +53,9 @@ def _env_str(name: str) -> str | None:
     return value or None
 
 
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "reduce-overhead")  # torch.compile of the UNet
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     """Which weights to load and how (docs/weights.md). Each is overridable by argument, CLI flag or environment.
@@ -75,13 +78,17 @@ class ModelSettings:
     variant: str | None = "fp16"  # the base model's weight files to fetch (fp16 halves the download)
     device: str | None = None
     dtype: str | None = None
-    memory_mode: str = "none"  # none | model (model CPU offload) | sequential (sequential CPU offload)
     # Only models whose licence permits commercial use (infinite_id.models.licences; docs/weights.md).
     license_clean: bool = False
+    memory_mode: str | None = None  # none | model | sequential CPU offload; None: the VRAM tier's (none on a CPU)
+    vram_tier: str = "auto"  # auto (from the accelerator's free memory) | 24 | 16 | 12 | 8 | 6 (models/tiers.py)
+    attention: str = "auto"  # auto (xformers if it runs and matches SDPA, else SDPA) | sdpa | xformers
+    compile: str = "off"  # off | default | max-autotune-no-cudagraphs | reduce-overhead: torch.compile the UNet
 
 
 def model_settings_from_env() -> ModelSettings:
-    """ModelSettings with INFINITE_ID_* overrides (BASE_MODEL, VAE, IMAGE_ENCODER, ADAPTER, ADAPTER_PATH, ...)."""
+    """ModelSettings with INFINITE_ID_* overrides (BASE_MODEL, VAE, IMAGE_ENCODER, ADAPTER, ADAPTER_PATH, ...,
+    MEMORY_MODE, VRAM_TIER, ATTENTION, COMPILE)."""
     d = ModelSettings()
     variant = os.environ.get("INFINITE_ID_VARIANT")
     return ModelSettings(
@@ -99,6 +106,9 @@ def model_settings_from_env() -> ModelSettings:
         dtype=_env_str("INFINITE_ID_DTYPE"),
         memory_mode=_env_str("INFINITE_ID_MEMORY_MODE") or d.memory_mode,
         license_clean=os.environ.get("INFINITE_ID_LICENSE_CLEAN", "").strip().lower() in ("1", "true", "yes", "on"),
+        vram_tier=_env_str("INFINITE_ID_VRAM_TIER") or d.vram_tier,
+        attention=_env_str("INFINITE_ID_ATTENTION") or d.attention,
+        compile=_env_str("INFINITE_ID_COMPILE") or d.compile,
     )
 
 

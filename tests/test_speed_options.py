@@ -7,7 +7,7 @@ VAE tiling is exact below the tile size (SDXL: 1024 px, so a no-op at the app's 
 by design (tiles see less context): there we bound the mean error. Checks that need CUDA are marked ``gpu``.
 """
 
-import importlib.util
+import logging
 import sys
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import generate
 
-from infinite_id.method import attention as id_attention
+from infinite_id.models.loading import compile_unet
 from infinite_id.testing import tiny_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -174,19 +174,48 @@ def test_prototype_processors_compute_the_same_and_compile_to_one_graph(identity
 @on_gpu
 def test_fp16_channels_last_and_inductor_on_cuda(identity):
     # fp16 with the fp16-safe VAE (force_upcast off), channels_last, inductor: close to the fp32 CPU result.
+    # The tiny model's latents reach |19| after 4 steps, and fp16 alone moves them by ~0.06 (measured with fp16 on
+    # a CPU: 0.3% of their range; bf16: 2.5%). The old bound, 5e-2 absolute, was below fp16's own rounding: the
+    # likely failure on the H200. Bounds are now relative to the latents' range, and each stage (fp16 eager, then
+    # inductor + channels_last) is checked on its own so a failure says which one moved.
     reference = generate(tiny_pipeline(seed=0, face_analyzer=None), id_embeds=identity).images
     pipe = tiny_pipeline(seed=0, face_analyzer=None).to("cuda", torch.float16)
+    eager = generate(pipe, id_embeds=identity).images.float().cpu()
     pipe.unet.to(memory_format=torch.channels_last)
-    pipe.unet = torch.compile(pipe.unet)
-    out = generate(pipe, id_embeds=identity).images.float().cpu()
-    assert torch.isfinite(out).all() and max_diff(out, reference) <= 5e-2
+    torch._dynamo.reset()
+    try:
+        compile_unet(pipe, "default")
+        out = generate(pipe, id_embeds=identity).images.float().cpu()
+    finally:
+        torch._dynamo.reset()
+    scale = reference.abs().max().item()
+    fp16_error, inductor_error = max_diff(eager, reference) / scale, max_diff(out, eager) / scale
+    assert torch.isfinite(eager).all() and torch.isfinite(out).all()
+    assert fp16_error <= 1e-2 and inductor_error <= 1e-2, (
+        f"fp16 eager vs fp32 CPU: {fp16_error:.2%} of the range; inductor vs eager: {inductor_error:.2%}")
+    assert len(pipe.compile_report) == 1  # one layout, one graph: the mixing step
 
 
-@on_gpu
-def test_xformers_gives_the_same_images_as_sdpa(identity, monkeypatch):
-    if importlib.util.find_spec("xformers") is None:
-        pytest.skip("xformers is not installed")
-    pipe = tiny_pipeline(seed=0, face_analyzer=None).to("cuda", torch.float16)
-    with_xformers = generate(pipe, id_embeds=identity).images.float()
-    monkeypatch.setattr(id_attention, "_xformers_usable", lambda q: False)
-    assert max_diff(generate(pipe, id_embeds=identity).images.float(), with_xformers) <= 2e-2
+def test_compile_unet_makes_one_graph_per_batch_layout_across_calls(identity, caplog):
+    # Dynamo guarded on the identity tensor through the per-call K/V cache: every call recompiled (8 calls, then
+    # eager). compile_unet leaves the cache out of compiled calls: one graph per layout, whatever the call.
+    pipe = tiny_pipeline(seed=0, face_analyzer=None)
+    eager = generate(pipe, id_embeds=identity, num_inference_steps=2).images
+    backend = _CountingBackend()
+    torch._dynamo.reset()
+    try:
+        with caplog.at_level(logging.INFO, logger="infinite_id.models.loading"):
+            compile_unet(pipe, backend=backend)
+            outs = [generate(pipe, id_embeds=identity, num_inference_steps=2, seed=s).images for s in (0, 1, 0)]
+            assert backend.graphs == 1
+            generate(pipe, id_embeds=identity, num_inference_steps=2, mix_window=(0.0, 0.5), return_text_images=False)
+            generate(pipe, id_embeds=identity, num_inference_steps=2, mix_window=(0.0, 0.5), return_text_images=False)
+            assert backend.graphs == 2  # + the identity stream alone after the window
+            generate(pipe, method="text", num_inference_steps=2)
+            assert backend.graphs == 3  # + plain SDXL rows
+    finally:
+        torch._dynamo.reset()
+    assert max_diff(outs[0], eager) <= TOL and max_diff(outs[2], eager) <= TOL
+    assert sorted(pipe.compile_report) == ["batch 2, 32x32 latents, identity", "batch 2, 32x32 latents, plain",
+                                           "batch 4, 32x32 latents, mixing"]
+    assert sum("torch.compile: first UNet call of layout" in r.getMessage() for r in caplog.records) == 3

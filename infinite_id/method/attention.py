@@ -9,17 +9,15 @@ every processor computes exactly what diffusers' stock SDPA processor computes.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from .backends import SDPA
 from .ops import adain_mean
 
 
@@ -56,24 +54,13 @@ class IDCall:
         return self.mix_layers is None or layer.startswith(tuple(self.mix_layers))
 
 
-@functools.cache
-def _xformers_installed() -> bool:
-    return importlib.util.find_spec("xformers") is not None
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+              backend=SDPA) -> torch.Tensor:
+    """Scaled dot-product attention on ``[batch, heads, tokens, head_dim]``; ``bias`` is added to the logits.
 
-
-def _xformers_usable(q: torch.Tensor) -> bool:
-    # xformers has no CPU kernels: use it only when the tensor is on CUDA and the package is installed.
-    return q.is_cuda and _xformers_installed()
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Scaled dot-product attention on ``[batch, heads, tokens, head_dim]``; ``bias`` is added to the logits."""
-    if bias is None and _xformers_usable(q):
-        import xformers.ops
-
-        out = xformers.ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    ``backend`` (``method.backends``) is chosen once when the pipeline is built and travels with the processors;
+    nothing is looked up per call."""
+    return backend(q, k, v, bias)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -92,11 +79,18 @@ def _rows(x: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
 
 
 class _Processor(nn.Module):
-    """The parts of diffusers' AttnProcessor2_0 around the attention itself, shared by both processors."""
+    """The parts of diffusers' AttnProcessor2_0 around the attention itself, shared by both processors.
 
-    def __init__(self, name: str):
+    ``backend``: the attention kernel (``method.backends``), set when the processors are installed or the pipeline
+    is loaded, the same for every call; a class default so processors built without ``__init__`` have one too."""
+
+    backend = SDPA
+
+    def __init__(self, name: str, backend=None):
         super().__init__()
         self.name = name
+        if backend is not None:
+            self.backend = backend
 
     @staticmethod
     def _enter(attn: Attention, hidden_states: torch.Tensor, temb: torch.Tensor | None):
@@ -153,7 +147,7 @@ class MixedSelfAttnProcessor(_Processor):
 
         if id_call is None or not id_call.mixes_in(self.name):
             qh, kh = self._qk_norm(attn, _heads(q, attn.heads), _heads(k, attn.heads))
-            out = attention(qh, kh, _heads(v, attn.heads), mask)
+            out = self.backend(qh, kh, _heads(v, attn.heads), mask)
             return self._leave(attn, _merge(out), residual, shape)
 
         ids, texts = id_call.id_rows, id_call.text_rows
@@ -162,7 +156,7 @@ class MixedSelfAttnProcessor(_Processor):
         if others.numel():
             # Every row outside the identity stream is plain attention, as diffusers computes it.
             qh, kh = self._qk_norm(attn, _heads(q[others], attn.heads), _heads(k[others], attn.heads))
-            rows_out = attention(qh, kh, _heads(v[others], attn.heads), _rows(mask, others))
+            rows_out = self.backend(qh, kh, _heads(v[others], attn.heads), _rows(mask, others))
             out = out.index_copy(0, others, _merge(rows_out))
 
         k_id, v_id, k_t, v_t = k[ids], v[ids], k[texts], v[texts]
@@ -182,7 +176,7 @@ class MixedSelfAttnProcessor(_Processor):
             id_mask = torch.cat([id_mask, text_mask], dim=-1) if k_id.shape[1] > id_mask.shape[-1] else id_mask
             bias = id_mask if bias is None else id_mask + bias
         qh, kh = self._qk_norm(attn, _heads(q[ids], attn.heads), _heads(k_id, attn.heads))
-        id_out = attention(qh, kh, _heads(v_id, attn.heads), bias)
+        id_out = self.backend(qh, kh, _heads(v_id, attn.heads), bias)
         out = out.index_copy(0, ids, _merge(id_out))
         return self._leave(attn, out, residual, shape)
 
@@ -195,8 +189,8 @@ class IDCrossAttnProcessor(_Processor):
     image branch alone, so the prompt cannot influence it.
     """
 
-    def __init__(self, name: str, hidden_size: int, cross_attention_dim: int):
-        super().__init__(name)
+    def __init__(self, name: str, hidden_size: int, cross_attention_dim: int, backend=None):
+        super().__init__(name, backend)
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
 
@@ -213,7 +207,7 @@ class IDCrossAttnProcessor(_Processor):
             mask = self._mask(attn, attention_mask, context.shape[1], batch)
             k, v = attn.to_k(context), attn.to_v(context)
             qh, kh = self._qk_norm(attn, _heads(q, attn.heads), _heads(k, attn.heads))
-            out = _merge(attention(qh, kh, _heads(v, attn.heads), mask))
+            out = _merge(self.backend(qh, kh, _heads(v, attn.heads), mask))
             if id_call is None or id_call.id_scale == 0:
                 return self._leave(attn, out, residual, shape)
         else:
@@ -229,19 +223,22 @@ class IDCrossAttnProcessor(_Processor):
             ip_v = adain_mean(ip_v, v[ids], id_call.style_strength)
         qh = _heads(q[ids], attn.heads)
         qh, kh = self._qk_norm(attn, qh, _heads(ip_k, attn.heads))
-        image = _merge(attention(qh, kh, _heads(ip_v, attn.heads)))
+        image = _merge(self.backend(qh, kh, _heads(ip_v, attn.heads)))
         scale = id_call.id_scale if text_branch else 1.0
         out = out.index_add(0, ids, image, alpha=scale)
         return self._leave(attn, out, residual, shape)
 
 
     def _identity_kv(self, id_call: IDCall, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        cache, key = id_call.ip_cache, (self.name, id(id_call.id_tokens))
-        if cache is not None and key in cache:
+        cache = id_call.ip_cache
+        # id() only when there is a cache: torch.compile runs without one (models.loading.compile_unet) because
+        # dynamo guards on the identity of the tokens, which would recompile the UNet at every call.
+        key = None if cache is None else (self.name, id(id_call.id_tokens))
+        if key is not None and key in cache:
             return cache[key]
         tokens = id_call.id_tokens.to(dtype)
         kv = self.to_k_ip(tokens), self.to_v_ip(tokens)
-        if cache is not None:
+        if key is not None:
             cache[key] = kv
         return kv
 
@@ -257,10 +254,11 @@ def attention_layers(unet: nn.Module) -> list[tuple[str, Attention]]:
     return [(f"{name}.processor", m) for name, m in unet.named_modules() if isinstance(m, Attention)]
 
 
-def install_id_processors(unet: nn.Module, cross_attention_dim: int | None = None) -> None:
+def install_id_processors(unet: nn.Module, cross_attention_dim: int | None = None, backend=None) -> None:
     """Give every ``attn1`` a mixed self-attention processor and every ``attn2`` an ID cross-attention one.
 
-    Done once when a pipeline is built; processors that are already ours are kept with their weights.
+    Done once when a pipeline is built; processors that are already ours are kept with their weights (and their
+    backend, unless ``backend`` is given: ``method.backends``, default SDPA).
     """
     cross_dim = cross_attention_dim or unet.config.cross_attention_dim
     param = next(unet.parameters())
@@ -276,6 +274,17 @@ def install_id_processors(unet: nn.Module, cross_attention_dim: int | None = Non
         else:
             processors[name] = current if isinstance(current, MixedSelfAttnProcessor) else MixedSelfAttnProcessor(name)
     unet.set_attn_processor(processors)
+    if backend is not None:
+        set_attention_backend(unet, backend)
+
+
+def set_attention_backend(unet: nn.Module, backend) -> int:
+    """Load time only: every Infinite-ID processor of ``unet`` computes attention with ``backend`` from now on.
+    Returns how many processors were set."""
+    processors = [p for p in unet.attn_processors.values() if isinstance(p, _Processor)]
+    for proc in processors:
+        proc.backend = backend
+    return len(processors)
 
 
 def id_adapter_layers(unet: nn.Module) -> dict[int, IDCrossAttnProcessor]:

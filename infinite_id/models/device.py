@@ -132,5 +132,20 @@ def empty_cache(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
+def free_memory(device: torch.device) -> tuple[int, int] | None:
+    """(free, total) bytes of the accelerator ``device`` now, or None where that cannot be known (CPU, MPS)."""
+    if device.type != ACCELERATOR or not accelerator_available():
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return int(free), int(total)
+
+
+def accelerator_name(device: torch.device) -> str:
+    """The accelerator's product name (for logs and benchmark tables); the device itself elsewhere."""
+    if device.type == ACCELERATOR and accelerator_available():
+        return torch.cuda.get_device_name(device)
+    return str(device)
+
+
 def _name(dtype: torch.dtype) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))

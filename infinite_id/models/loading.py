@@ -5,26 +5,32 @@ is here (download what is missing, or fail with one message listing all of it wh
 model's components (a diffusers folder or one .safetensors file), the VAE and, when the adapter needs it, the CLIP
 image encoder; 4 build the pipeline from components (not ``from_pretrained`` on our subclass, which would look for
 an ``id_encoder`` folder); 5 load the identity adapter (converted on load) and the face analyzer its embeddings
-need; 6 fast mode; 7 move to the device or set up CPU offload.
+need; 6 fast mode; 7 the VRAM tier's memory options (``models.tiers``), the device or CPU offload, and ``torch.compile`` when asked.
+The attention kernel and the tier are settled in step 1, before any weight loads: an explicit ``--attention
+xformers`` that cannot run stops the program at once (``method.backends``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
+import time
 from pathlib import Path
 
 import torch
 
 from ..adapters.convert import load_adapter
-from ..config import SETTINGS, ModelSettings
+from ..config import COMPILE_MODES, SETTINGS, ModelSettings
+from ..method.attention import set_attention_backend
+from ..method.backends import resolve_backend
 from ..method.pipeline import InfiniteIDPipeline
 from . import fast as fast_modes  # module-qualified: load_pipeline's ``fast_mode`` argument shadows the name
-from . import hub, licences
-from .device import DevicePlan, plan
+from . import hub, licences, tiers
+from .device import free_memory, plan
 
 logger = logging.getLogger(__name__)
-MEMORY_MODES = ("none", "model", "sequential")
+MEMORY_MODES = tiers.MEMORY_MODES
 
 
 def load_pipeline(
@@ -46,6 +52,9 @@ def load_pipeline(
     face_pack: str | None = None,
     face_root: str | None = None,
     cache_dir: str | Path | None = None,
+    attention: str | None = None,
+    vram_tier: str | None = None,
+    compile: str | bool | None = None,
 ) -> InfiniteIDPipeline:
     """Build the real pipeline. Every argument left None comes from ``models`` (default ``SETTINGS.models``,
     i.e. the defaults with INFINITE_ID_* environment overrides); see docs/weights.md.
@@ -54,16 +63,22 @@ def load_pipeline(
     InstantID), False/None loads none (pass ``id_embeds``), anything else is used as the analyzer.
     ``local_files_only``: None follows ``HF_HUB_OFFLINE``. Raises ``hub.MissingWeightsError`` (a ValueError)
     listing every missing file when something is not here and cannot be downloaded.
+    ``attention``: auto | sdpa | xformers (``method.backends``); ``vram_tier``: auto | 24 | 16 | 12 | 8 | 6
+    (``models.tiers``; an explicit ``memory_mode`` overrides its placement); ``compile``: a ``torch.compile`` mode
+    (True: "default"), see :func:`compile_unet`.
     """
     given = dict(base_model=base_model, vae=vae, image_encoder=image_encoder, adapter=adapter,
                  adapter_path=adapter_path, device=None if device is None else str(device),
                  dtype=None if dtype is None or isinstance(dtype, torch.dtype) else dtype, fast_mode=fast_mode,
-                 memory_mode=memory_mode, s_scale=s_scale, adapter_lora=adapter_lora)
+                 memory_mode=memory_mode, s_scale=s_scale, adapter_lora=adapter_lora, attention=attention,
+                 vram_tier=vram_tier, compile={True: "default", False: "off"}.get(compile, compile))
     models = dataclasses.replace(models or SETTINGS.models, **{k: v for k, v in given.items() if v is not None})
-    if models.memory_mode not in MEMORY_MODES:
-        raise ValueError(f"memory_mode must be one of {', '.join(MEMORY_MODES)}, got {models.memory_mode!r}.")
     device_plan = plan(models.device, dtype if isinstance(dtype, torch.dtype) else models.dtype)
     logger.info("Device: %s", device_plan.reason)
+    # 1b. Attention kernel, VRAM tier and compile settle before anything loads: a wrong request fails in seconds.
+    backend = resolve_backend(models.attention, device_plan.device, device_plan.dtype)
+    tier = tiers.choose(models.vram_tier, free_memory(device_plan.device), models.memory_mode)
+    compile_mode = _check_compile(models.compile, tier)
     resolved = hub.resolve(models, fp16=device_plan.dtype == torch.float16, face_pack=face_pack, face_root=face_root)
     cache = Path(cache_dir).expanduser() if cache_dir else hub.hub_cache_dir()
     fetch = {"local_files_only": local_files_only, "cache_dir": cache}
@@ -99,14 +114,20 @@ def load_pipeline(
         lora_file = hub.local_file(resolved.fast_lora, role="fast-mode LoRA", **fetch)
         fast_modes.apply_fast_mode(pipe, mode, str(lora_file))
 
-    # 7. Device and memory; then the null identity's CLIP pass, on the device (not in fp16 on a CPU).
-    _place(pipe, device_plan, models.memory_mode)
+    # 7. Attention kernel, memory options and placement, compile; then the null identity's CLIP pass, on the device
+    # (not in fp16 on a CPU).
+    set_attention_backend(pipe.unet, backend)
+    tier = tiers.apply(pipe, tier, device_plan.device)
+    if compile_mode != "off":
+        compile_unet(pipe, compile_mode)
     if getattr(pipe.id_encoder, "needs_clip", False) and hasattr(pipe.id_encoder, "set_null_clip_from"):
         pipe.id_encoder.set_null_clip_from(pipe.image_encoder, pipe._execution_device)
     pipe.set_progress_bar_config(disable=True)
     # Plain attributes for the app/CLI: which weights are in use and the sampling defaults they imply.
     pipe.weights_info = {**info, "base_model": models.base_model, "device": device_plan.reason,
-                         "fast_mode": mode.name if mode else "off", "license_clean": models.license_clean}
+                         "fast_mode": mode.name if mode else "off", "attention": backend.name,
+                         "vram_tier": tier.name, "memory": tiers.describe(tier), "compile": compile_mode,
+                         "license_clean": models.license_clean}
     pipe.sampling_defaults = fast_modes.sampling_defaults(models.fast_mode)
     return pipe
 
@@ -198,13 +219,82 @@ def _face_analyzer(choice, resolved: hub.Resolved):
     return analyzer
 
 
-def _place(pipe: InfiniteIDPipeline, device_plan: DevicePlan, memory_mode: str) -> None:
-    if memory_mode == "none" or not device_plan.is_accelerator:
-        pipe.to(device_plan.device)
-        return
-    # The ID encoder is small and is called with a dataclass accelerate's hooks cannot move: keep it resident.
-    pipe._exclude_from_cpu_offload = [*getattr(pipe, "_exclude_from_cpu_offload", []), "id_encoder"]
-    if memory_mode == "model":
-        pipe.enable_model_cpu_offload(device=device_plan.device)
-    else:
-        pipe.enable_sequential_cpu_offload(device=device_plan.device)
+def _check_compile(mode: str | None, tier: tiers.Tier) -> str:
+    mode = str(mode or "off").lower()
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {mode!r}.")
+    if mode != "off" and tier.memory_mode != "none":
+        raise ValueError(f"--compile needs the UNet resident on the GPU, but VRAM tier {tier.name} uses "
+                         f"{tier.memory_mode} CPU offload (its hooks move weights in and out of the graph); use "
+                         "--vram-tier 12 or larger, or leave --compile off.")
+    return mode
+
+
+def compile_unet(pipe, mode: str = "default", backend: str | object = "inductor") -> None:
+    """``torch.compile`` the UNet with our processors inside the graph: one graph per batch layout.
+
+    Static shapes (``dynamic=False``): each layout (4 rows mixing; 2 rows after the window; 2 rows plain ...) gets
+    its own graph, compiled on its first call; later calls with any prompt, identity or seed reuse it. The
+    per-call identity K/V cache is left out of the compiled calls: dynamo would guard on the identity tensor
+    itself and recompile at every call (the projections it saves are about 1% of a step at 1024²). Each layout's
+    first call is logged with its time (compilation plus one step), and kept in ``pipe.compile_report``.
+    """
+    # Dynamo's default of 8 graphs per function would send the 9th layout (9 aspect presets x 3 layouts) back to
+    # eager; the limit is process-wide, and the process that asks for --compile is the one serving this pipeline.
+    config = torch._dynamo.config
+    for key in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, key):
+            setattr(config, key, max(getattr(config, key), 64))
+    compiled = torch.compile(pipe.unet, mode=None if mode == "default" else mode, backend=backend, dynamic=False)
+    compiled.register_forward_pre_hook(_without_ip_cache, with_kwargs=True)
+    report = _FirstCalls()
+    compiled.register_forward_pre_hook(report.before, with_kwargs=True)
+    compiled.register_forward_hook(report.after, with_kwargs=True)
+    pipe.unet = compiled
+    pipe.compile_report = report.seconds
+
+
+def _without_ip_cache(module, args, kwargs):
+    call = (kwargs.get("cross_attention_kwargs") or {}).get("id_call")
+    if call is None or call.ip_cache is None:
+        return None
+    # A new IDCall for this forward only: the caller's object is left as it is.
+    kwargs["cross_attention_kwargs"] = {**kwargs["cross_attention_kwargs"],
+                                        "id_call": dataclasses.replace(call, ip_cache=None)}
+    return args, kwargs
+
+
+class _FirstCalls:
+    """The time of each batch layout's first UNet call (compilation + one step), logged once per layout."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        # The start of a first call, per thread: hooks cannot pass values to each other, and two requests may run
+        # the UNet at once (one per thread), so the start time cannot be one attribute.
+        self._started = threading.local()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def layout(args, kwargs) -> str:
+        sample = args[0] if args else kwargs["sample"]
+        call = (kwargs.get("cross_attention_kwargs") or {}).get("id_call")
+        mixing = call is not None and call.text_rows is not None and call.mixing
+        kind = "plain" if call is None else "mixing" if mixing else "identity"
+        return f"batch {sample.shape[0]}, {sample.shape[-2]}x{sample.shape[-1]} latents, {kind}"
+
+    def before(self, module, args, kwargs):
+        key = self.layout(args, kwargs)
+        self._started.value = (key, time.perf_counter()) if key not in self.seconds else None
+
+    def after(self, module, args, kwargs, output):
+        started = getattr(self._started, "value", None)
+        if started is None:
+            return
+        key, start = started
+        self._started.value = None
+        with self._lock:
+            if key in self.seconds:
+                return
+            self.seconds[key] = round(time.perf_counter() - start, 2)
+        logger.info("torch.compile: first UNet call of layout %s took %.1f s (compilation + one step; later calls "
+                    "of this layout reuse the graph).", key, self.seconds[key])

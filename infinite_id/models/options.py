@@ -8,7 +8,8 @@ import dataclasses
 import sys
 
 from ..adapters.encoders import ADAPTERS, DEFAULT_ADAPTER
-from ..config import SETTINGS, ModelSettings
+from ..config import COMPILE_MODES, SETTINGS, ModelSettings
+from ..method.backends import CHOICES as BACKEND_CHOICES
 from .hub import (
     DOWNLOAD_COMMAND,
     FP16_FIX_VAE,
@@ -19,6 +20,7 @@ from .hub import (
     plan_files,
     resolve,
 )
+from .tiers import CHOICES
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +37,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fast-lora", dest="fast_lora_path", help="a local file for the fast-mode LoRA")
     g.add_argument("--device", help="cpu, mps, cuda, cuda:1 ... (default: the best available)")
     g.add_argument("--dtype", help="fp16, bf16 or fp32 (default: the device policy)")
-    g.add_argument("--memory-mode", choices=("none", "model", "sequential"), help="CPU offload mode")
+    g.add_argument("--memory-mode", choices=("none", "model", "sequential"),
+                   help="CPU offload mode (default: the VRAM tier's)")
+    g.add_argument("--vram-tier", choices=CHOICES, help="memory options for a GPU of this many GB: auto (default, "
+                   "from free memory), 24, 16, 12 (no offload), 8 (model offload), 6 (+ int8 UNet with torchao)")
+    g.add_argument("--attention", choices=BACKEND_CHOICES, help="attention kernel: auto (default: xformers if it runs "
+                   "here and matches SDPA, else SDPA), sdpa, or xformers (stops at start-up if it cannot run)")
+    g.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
+                   help="torch.compile the UNet (mode default when given alone; compiles each batch layout on its "
+                   "first call)")
     g.add_argument("--variant", help="weight-file variant of the base model to fetch (default fp16; '' for none)")
     g.add_argument("--license-clean", action="store_true", default=None,
                    help="load only models whose licence permits commercial use (SDXL base, IP-Adapter-Plus-Face, "
