@@ -40,8 +40,8 @@ from infinite_id.models.engines import TINY_BANNER  # noqa: E402
 from infinite_id.ui import widgets  # noqa: E402
 
 # Every visible text or picture that leaves the viewport or is cut by a box that clips (overflow other than
-# visible), and every text field whose value is wider than the field: what a person sees as "clipped" or "scrolls
-# sideways".
+# visible), every component label that runs under its component's buttons, and every text field whose value is
+# wider than the field: what a person sees as "clipped" or "scrolls sideways".
 MEASURE = """() => {
   const vw = document.documentElement.clientWidth, problems = [];
   const shown = el => el.getClientRects().length > 0 && getComputedStyle(el).visibility !== 'hidden';
@@ -69,6 +69,15 @@ MEASURE = """() => {
   for (const img of document.querySelectorAll('img')) {  // a picture cut off at the side (a thumbnail, a result)
     const by = shown(img) && img.getBoundingClientRect().width >= 2 && cut(img.getBoundingClientRect(), img);
     if (by) problems.push(['picture cut', name(img), img.alt || img.src.slice(-40), by]);
+  }
+  for (const label of document.querySelectorAll('[data-testid=block-label]')) {  // a label under its buttons
+    const r = label.getBoundingClientRect(), block = label.closest('.block');
+    if (!shown(label) || !block || r.width < 1) continue;
+    for (const buttons of block.querySelectorAll('.icon-button-wrapper')) {
+      const b = buttons.getBoundingClientRect();
+      if (shown(buttons) && b.width > 0 && r.left < b.right && b.left < r.right && r.top < b.bottom && b.top < r.bottom)
+        problems.push(['label under buttons', name(block), label.innerText.slice(0, 60)]);
+    }
   }
   for (const el of document.querySelectorAll('input[type=text], input:not([type]), input[type=number], textarea'))
     if (shown(el) && el.value && el.scrollWidth > el.clientWidth + 1)
@@ -239,8 +248,8 @@ def test_every_tab_fits_and_works(served, browser, shots, no_face, size):
 def test_a_queued_person_sees_their_place_and_wait_the_runner_one_bar_and_where_stop_stopped(
         served, browser, monkeypatch):
     """Two people, one GPU slot, slow steps: the second is told their place and a time estimate from the job
-    ahead and the measured pace; the first sees one progress bar (ours; Gradio's own is off) and, after Stop,
-    the step it stopped after."""
+    ahead and the measured pace, and may leave the queue and join it again; the first sees one progress bar
+    (ours; Gradio's own are off) and, after Stop, the step it stopped after."""
     expect = sync_api.expect
     real_reporter = widgets.progress_reporter
 
@@ -263,10 +272,10 @@ def test_a_queued_person_sees_their_place_and_wait_the_runner_one_bar_and_where_
     expect(first.locator("#generate-status")).to_contain_text("Done in")
 
     first.locator("#advanced").get_by_text("Advanced").first.click()
-    set_number(first, "#steps input[type=number]", 12)
+    set_number(first, "#steps input[type=number]", 30)  # 12 s at least: time for all that follows
     first.locator("#generate-btn").click()
     status = first.locator("#generate-status")
-    expect(status).to_contain_text(re.compile(r"Step \d+ of 12"))
+    expect(status).to_contain_text(re.compile(r"Step \d+ of 30"))
     expect(first.locator("#generate-status [role=progressbar]")).to_have_count(1)
     # One bar for the job, nowhere else: Gradio's own (one over each output) are off for the GPU events.
     assert first.evaluate(SHOWN_PROGRESS_BARS) == ["generate-status"]
@@ -275,9 +284,13 @@ def test_a_queued_person_sees_their_place_and_wait_the_runner_one_bar_and_where_
     waiting = second.locator("#generate-status")
     expect(waiting).to_contain_text("Waiting: 1 job ahead of yours; yours starts in about")
     expect(waiting).to_contain_text(re.compile(r"takes about \d+(\.\d)? s"))
+    second.locator("#stop-btn").click()  # changed their mind: leaves the queue...
+    expect(waiting).to_contain_text("Stopped before it started.")
+    second.locator("#generate-btn").click()  # ... and may join it again (the per-session cap let go)
+    expect(waiting).to_contain_text("Waiting: 1 job ahead of yours")
 
     first.locator("#stop-btn").click()
-    expect(status).to_contain_text(re.compile(r"Stopped after step \d+ of 12\."))
+    expect(status).to_contain_text(re.compile(r"Stopped after step \d+ of 30\."))
     expect(waiting).to_contain_text("Done in")  # the slot went to the next person
     for page in (first, second):
         assert not page.page_errors, page.page_errors

@@ -79,7 +79,8 @@ def mode_controls(mode: str):
 
 def _inputs(settings: TabSettings) -> SimpleNamespace:
     ui = SimpleNamespace()
-    ui.photo = photo_input(label="Photo of the person (the largest face is used)", height=260, elem_id="c-photo")
+    ui.photo = photo_input(label="Photo of the person", height=260, elem_id="c-photo")
+    gr.Markdown("The largest face in the photo is used.", elem_classes="small-note")
     ui.prompt = gr.Textbox(label="Prompt", lines=2, max_length=SETTINGS.max_prompt_chars, value=DEFAULT_PROMPT)
     ui.mode = gr.Radio(MODES, value="methods", label="What to compare", elem_id="c-mode",
                        info="methods: prompt only (plain SDXL), adapter baseline, Infinite-ID; "
@@ -116,7 +117,7 @@ def _outputs() -> SimpleNamespace:
     # No label over the grid: the grid image carries its own title, which a label would cover.
     ui.grid = gr.Image(label="Comparison grid", show_label=False, type="filepath", format="png", interactive=False,
                        buttons=["download", "fullscreen"], elem_id="c-grid")
-    ui.gallery = gr.Gallery(label="Each image, with how much it looks like the photo", columns=2, height="auto",
+    ui.gallery = gr.Gallery(label="Each image", columns=2, height="auto",
                             format="png", elem_id="c-gallery")
     ui.info = gr.Markdown(elem_classes="small-note", elem_id="c-info")
     ui.files = gr.File(label="The grid and each image (PNG with settings)", file_count="multiple",

@@ -44,7 +44,9 @@ CSS = """
 .status-bar > div {height: 100%; background: var(--color-accent); transition: width 0.4s;}
 .label-wrap .icon {flex-shrink: 0;}
 /* Face thumbnails wrap onto more rows on a narrow screen instead of being cut off at the side. */
-#faces .grid-container {grid-template-columns: repeat(auto-fill, minmax(88px, 1fr)) !important;}
+#faces .grid-container {grid-template-columns: repeat(auto-fill, minmax(88px, 1fr)) !important;
+                        grid-template-rows: none !important; grid-auto-rows: auto !important;}
+#faces .caption-label {font-size: 0.8em;}
 #c-grid .image-container {padding-top: 36px;}  /* the grid's own title row stays clear of the image buttons */
 .filename .stem {white-space: normal !important; overflow-wrap: break-word; text-overflow: clip !important;}
 /* Long captions and example cells wrap instead of being cut off or pushing the page sideways. */
@@ -69,9 +71,10 @@ HOW_TO = """### How to get a good result
   likeness. The *Compare* tab's strength grid shows the trade-off in one go.
 """
 FOOTER = (
-    "How much a picture looks like the person is measured by a face-recognition model (ArcFace cosine between the "
-    "face in the picture and the face in the photo: the same person usually scores above about 0.4; *n/a* means "
-    "no face was found in the picture). Every PNG keeps its prompt, seed and settings, so it can be made again. "
+    "Each picture's caption says how much it looks like the person (*identity 0.53*): a face-recognition model's "
+    "ArcFace cosine between the face in the picture and the face in the photo; the same person usually scores "
+    "above about 0.4, and *n/a* means no face was found in the picture. Every PNG keeps its prompt, seed and "
+    "settings, so it can be made again. "
     "Photos are used only for the request and deleted from the server within the hour."
 )
 

@@ -114,12 +114,12 @@ def selected_face(event: gr.SelectData):
 def _inputs(settings: TabSettings) -> SimpleNamespace:
     ui = SimpleNamespace()
     ui.photo = photo_input(label="Photo of the person", height=300, elem_id="photo")
+    ui.face_note = gr.Markdown("", elem_classes="small-note", elem_id="face-note")
     with gr.Group(visible=False, elem_id="face-picker") as ui.picker:
-        ui.faces = gr.Gallery(label="Several faces: click the one to use", columns=3, height=190,
-                              allow_preview=False, object_fit="contain", elem_id="faces")
+        ui.faces = gr.Gallery(label="Several faces: click the one to use", show_label=False, columns=3, height=150,
+                              allow_preview=False, interactive=False, object_fit="contain", elem_id="faces")
         ui.face_number = gr.Number(value=1, precision=0, minimum=1, label="Face number (1 = the largest)",
                                    elem_id="face-number")
-    ui.face_note = gr.Markdown("", elem_classes="small-note", elem_id="face-note")
     # What /detect_faces returns (plain values for API clients); the page shows them through the widgets above.
     ui.face_index = gr.Number(value=0, precision=0, minimum=0, visible=False, elem_id="face-index")
     ui.face_summary = gr.Textbox("", visible=False)
@@ -183,9 +183,9 @@ def _advanced(ui: SimpleNamespace, settings: TabSettings) -> None:
 
 def _outputs() -> SimpleNamespace:
     ui = SimpleNamespace()
-    ui.gallery = gr.Gallery(label="Results (the caption says how much each looks like the photo)", columns=2,
+    ui.gallery = gr.Gallery(label="Results", columns=2,
                             height="auto", format="png", elem_id="results", buttons=["download", "fullscreen"])
-    ui.text_gallery = gr.Gallery(label="The same seed without the person (text stream)", columns=2, height="auto",
+    ui.text_gallery = gr.Gallery(label="Without the person", columns=2, height="auto",
                                  format="png", visible=False, elem_id="text-results")
     ui.info = gr.Markdown(elem_id="generation-info", elem_classes="small-note")
     ui.files = gr.File(label="PNG files (each keeps its settings, to make it again)", file_count="multiple",

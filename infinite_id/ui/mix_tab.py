@@ -84,7 +84,7 @@ def build(services: Services, settings: TabSettings) -> TabEvents:
             with gr.Column(scale=1, min_width=300):
                 ui = _inputs(settings)
             with gr.Column(scale=1, min_width=300):
-                gallery = gr.Gallery(label="The blend (the caption says how much it looks like each person)",
+                gallery = gr.Gallery(label="The blend",
                                      columns=1, height="auto", format="png", elem_id="m-gallery")
                 info = gr.Markdown(elem_classes="small-note")
                 files = gr.File(label="PNG with settings", file_count="multiple", interactive=False)
