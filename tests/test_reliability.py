@@ -274,6 +274,24 @@ def test_the_status_line_says_place_wait_and_progress_in_words():
     assert render(Status("idle")) == ""
 
 
+def test_a_refused_join_ends_the_waiting_line_with_a_sentence():
+    """A run button pressed when the queue is full (or the session already has its job): the status line stops
+    saying "Sending..." and says why."""
+    import gradio as gr
+
+    from infinite_id.ui import QUEUE_FULL, Services, Status
+
+    services = Services(lambda: None, lambda: None, guard=gen.OutputGuard())
+    for session, detail, sentence in [("a", "Queue is full. Please try again later.", QUEUE_FULL),
+                                      ("b", app.BUSY_SESSION, app.BUSY_SESSION)]:
+        services.board.set(session, "generate", Status("sent", since=time.monotonic()))
+        html, timer = services.view(gr.Request(session_hash=session), "generate")
+        assert "Sending your request" in html and timer.active  # the join has not been answered yet
+        services.sessions.refused(session, detail)
+        html, timer = services.view(gr.Request(session_hash=session), "generate")
+        assert sentence in html and "status-error" in html and not timer.active
+
+
 # --- 3. faults ----------------------------------------------------------------------------------------------------
 
 

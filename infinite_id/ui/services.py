@@ -17,7 +17,7 @@ import gradio as gr
 from .. import service as gen
 from ..config import SERVER
 from . import widgets
-from .queue import BUSY_SESSION, Jobs, SessionJobs
+from .queue import Jobs, SessionJobs
 from .status import JobReport, Pace, QueueView, Status, StatusBoard, render
 
 QUEUE_FULL = "The queue is full right now, so this request was not taken. Please try again in a minute."
@@ -130,7 +130,7 @@ class Services:
         if status.phase == "sent" and session:
             refusal = self.sessions.refusal_since(session, status.since)
             if refusal:
-                message = BUSY_SESSION if refusal == BUSY_SESSION else QUEUE_FULL
+                message = QUEUE_FULL if "queue is full" in refusal.lower() else refusal
                 status = self.board.update(session, tab, phase="error", message=message)
             else:
                 queue = self._queue_view(session)
