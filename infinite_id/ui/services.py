@@ -133,10 +133,10 @@ class Services:
                 message = QUEUE_FULL if "queue is full" in refusal.lower() else refusal
                 status = self.board.update(session, tab, phase="error", message=message)
             else:
-                queue = self._queue_view(session)
+                queue = self._line_view(session)
         return render(status, queue), gr.Timer(active=not status.final)
 
-    def _queue_view(self, session: str) -> QueueView | None:
+    def _line_view(self, session: str) -> QueueView | None:
         line = self.sessions.line(session)
         if line is None:
             return None
