@@ -4,6 +4,8 @@ One server for the module (the tiny engine and the server start in a few seconds
 called as a person's browser or script would, including the failure paths (no face, a damaged upload).
 """
 
+import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -76,18 +78,31 @@ def test_tiny_engine_banner_and_launch_settings(served):
     assert app.launch_options()["share"] is False and app.launch_options()["max_file_size"] > 0
 
 
-def test_detect_faces_in_a_group_photo(client, photos):
-    gallery, face_index, note = client.predict(handle_file(str(photos["group"])), api_name="/detect_faces")
-    faces = gallery["value"] if isinstance(gallery, dict) else gallery
-    assert len(faces) == 3
-    assert gallery["visible"] is True and face_index == 0
-    assert faces[0]["caption"].startswith("face 0 (largest)")
-    assert "3 faces" in note
+def test_detect_faces_in_a_group_photo_returns_plain_values(client, photos):
+    faces, face_index, note = client.predict(handle_file(str(photos["group"])), api_name="/detect_faces")
+    assert isinstance(faces, list) and len(faces) == 3  # a plain list, not a Gradio update
+    assert [Path(f["image"]).exists() for f in faces] == [True] * 3
+    assert [f["caption"] for f in faces] == ["face 1 (largest)", "face 2", "face 3"]  # counted as people count
+    assert face_index == 0  # the API's index: 0 is the largest
+    assert note.startswith("3 faces found")
+    one, _, note = client.predict(handle_file(str(photos["face"])), api_name="/detect_faces")
+    assert len(one) == 1 and note == "One face found."
 
 
 def test_detect_faces_without_a_face_says_so(client, photos):
-    with pytest.raises(AppError, match="No face was found in this photo"):
+    with pytest.raises(AppError, match="The photo: No face was found in this photo"):
         client.predict(handle_file(str(photos["no_face"])), api_name="/detect_faces")
+
+
+def test_each_error_names_the_photo_it_is_about(client, photos):
+    with pytest.raises(AppError, match="^Extra photo 2: .*not a photo we can read"):
+        generate(client, photos["face"], extra_photos=[handle_file(str(photos["face_2"])),
+                                                       handle_file(str(photos["not_image"]))])
+    with pytest.raises(AppError, match="^Person B: No face was found"):
+        client.predict(photo_a=handle_file(str(photos["face"])), photo_b=handle_file(str(photos["no_face"])),
+                       steps=1, api_name="/mix")
+    with pytest.raises(AppError, match="^Upload a photo of Person A first"):
+        client.predict(photo_a=None, photo_b=handle_file(str(photos["face"])), steps=1, api_name="/mix")
 
 
 @pytest.mark.parametrize(
@@ -110,7 +125,7 @@ def test_generate_images_with_metadata_similarity_and_text_stream(served, client
     assert seed == 7 and "seed **7**" in info
     assert [item["caption"].split(" · ")[-1] for item in gallery] == ["seed 7", "seed 8"]
     assert all(item["caption"].startswith("identity ") for item in gallery)
-    assert len(text_gallery["value"]) == 2 and text_gallery["visible"] is True
+    assert isinstance(text_gallery, list) and len(text_gallery) == 2  # plain values, not a Gradio update
     assert len(files) == 2
 
     meta = gen.read_metadata(files[1])
@@ -171,6 +186,60 @@ def test_compare_styles(client, photos):
         styles=["Comic book", "Ukiyo-e"], steps=1, api_name="/compare",
     )
     assert [item["caption"].split(" · ")[0] for item in gallery] == ["Comic book", "Ukiyo-e"]
+
+
+def test_compare_says_what_it_left_out_and_why(client, photos):
+    """A 7 x 6 strength grid keeps 4 x 4 images, and Styles mode with nothing ticked shows one style: said, not
+    silent."""
+    _, gallery, _, info, _ = client.predict(
+        photo=handle_file(str(photos["face"])), prompt="a person", mode="strengths", steps=1,
+        id_scales="0.2, 0.4, 0.6, 0.8, 1, 1.2, 1.4", semantic_scales="0, 0.5, 1, 1.5, 2, 2.5", api_name="/compare")
+    assert len(gallery) == 16
+    assert "7 identity strengths were given; the grid keeps the first 4 (0.2, 0.4, 0.6, 0.8)" in info
+    assert "6 semantic strengths were given; the grid keeps the first 4" in info and "16 images" in info
+    _, gallery, _, info, _ = client.predict(photo=handle_file(str(photos["face"])), prompt="a person", steps=1,
+                                            mode="styles", styles=[], style="Watercolor", api_name="/compare")
+    assert len(gallery) == 1 and "No style was ticked, so the grid shows one style only (Watercolor)" in info
+
+
+def test_expected_errors_log_one_line_unexpected_ones_their_traceback(served, client, photos, caplog, capfd,
+                                                                     monkeypatch):
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="infinite_id.app"):
+        with pytest.raises(AppError, match="Upload the photo first"):
+            client.predict(photo=None, prompt="a person", steps=1, api_name="/generate")
+    records = [r for r in caplog.records if r.name == "infinite_id.app"]
+    assert [(r.levelname, r.exc_info) for r in records] == [("INFO", None)]
+    assert "Upload the photo first" in records[0].getMessage()
+    assert "Traceback" not in capfd.readouterr().err
+
+    caplog.clear()
+
+    def broken():
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(served[0].handlers, "get_pipeline", broken)
+    with caplog.at_level(logging.INFO, logger="infinite_id.app"):
+        with pytest.raises(AppError, match="Something went wrong on our side"):
+            generate(client, photos["face"])
+    (record,) = [r for r in caplog.records if r.name == "infinite_id.app"]
+    assert record.levelname == "ERROR" and record.exc_info[0] is RuntimeError  # the traceback, for us
+
+
+def test_the_readme_api_snippet_runs_as_written(served, tmp_path, monkeypatch):
+    """The README's gradio_client snippet, run against this server with its two photos in place."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    snippet = re.search(r"### API\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert 'Client("http://127.0.0.1:7860/")' in snippet
+    Image.open(ASSETS / "synthetic_group.png").convert("RGB").save(tmp_path / "group.jpg", quality=95)
+    Image.open(ASSETS / "synthetic_face.png").convert("RGB").save(tmp_path / "me.jpg", quality=95)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(snippet.replace("http://127.0.0.1:7860/", served[1]), "README.md", "exec"), scope)
+    assert len(scope["faces"]) == 3 and scope["face_index"] == 0 and scope["note"].startswith("3 faces")
+    assert isinstance(scope["text_stream"], list) and len(scope["gallery"]) == 1
+    assert scope["gallery"][0]["caption"].endswith("seed 42")
+    assert Path(scope["grid"]).exists() and len(scope["cells"]) == 3
 
 
 def test_mix_two_people(client, photos):

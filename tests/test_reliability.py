@@ -254,6 +254,44 @@ def test_session_jobs_count_each_job_once_whatever_order_its_end_arrives_in():
     assert stale.reserve("s") is not None  # a last resort: never locked out for good
 
 
+def test_the_status_line_says_place_wait_and_progress_in_words():
+    from infinite_id.ui.status import Pace, QueueView, Status, duration, render
+
+    assert [duration(s) for s in (4.24, 42, 75, 120)] == ["4.2 s", "42 s", "1 min 15 s", "2 min"]
+    pace = Pace()
+    assert pace.seconds(10) is None  # nothing measured yet: no made-up estimate
+    pace.record(units=10, seconds=5.0)
+    assert pace.seconds(4) == 2.0
+    pace.record(units=10, seconds=10.0)  # a slower job moves the average part of the way
+    assert 0.5 < pace.seconds_per_unit < 1.0
+
+    waiting = render(Status("sent"), QueueView(ahead=1, starts_in=20, takes=4))
+    assert "Waiting: 1 job ahead of yours; yours starts in about 20 s and takes about 4.0 s." in waiting
+    assert "a time estimate appears once" in render(Status("sent"), QueueView(ahead=2, starts_in=None, takes=None))
+    running = render(Status("running", done=3, total=10, stepping_since=0.0), now=4.0)
+    assert "Step 3 of 10 · about 14 s left" in running and 'aria-valuenow="3"' in running  # 2 s a step after step 1
+    assert "&lt;script&gt;" in render(Status("error", message="<script>"))  # Gradio renders HTML: escaped
+    assert render(Status("idle")) == ""
+
+
+def test_a_refused_join_ends_the_waiting_line_with_a_sentence():
+    """A run button pressed when the queue is full (or the session already has its job): the status line stops
+    saying "Sending..." and says why."""
+    import gradio as gr
+
+    from infinite_id.ui import QUEUE_FULL, Services, Status
+
+    services = Services(lambda: None, lambda: None, guard=gen.OutputGuard())
+    for session, detail, sentence in [("a", "Queue is full. Please try again later.", QUEUE_FULL),
+                                      ("b", app.BUSY_SESSION, app.BUSY_SESSION)]:
+        services.board.set(session, "generate", Status("sent", since=time.monotonic()))
+        html, timer = services.view(gr.Request(session_hash=session), "generate")
+        assert "Sending your request" in html and timer.active  # the join has not been answered yet
+        services.sessions.refused(session, detail)
+        html, timer = services.view(gr.Request(session_hash=session), "generate")
+        assert sentence in html and "status-error" in html and not timer.active
+
+
 # --- 3. faults ----------------------------------------------------------------------------------------------------
 
 

@@ -43,7 +43,7 @@ class Engine:
             return None
         return (
             f"**{TINY_BANNER}**: this server runs the tiny engine with random weights, so every image is noise. "
-            "It checks that the whole app works end to end. Start it with `--engine real` for real images."
+            "It checks that the whole app works end to end; the real engine makes real images."
         )
 
     @property

@@ -8,6 +8,7 @@ from .._lazy import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "COMPARE_MODES": ".comparison",
     "CompareResult": ".comparison",
+    "MAX_AXIS_VALUES": ".comparison",
     "MAX_COMPARE_CELLS": ".comparison",
     "compare": ".comparison",
     "parse_values": ".comparison",
@@ -28,6 +29,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "IdentityCache": ".identity",
     "face_thumbnail": ".identity",
     "image_hash": ".identity",
+    "named": ".identity",
     "output_similarity": ".identity",
     "mix": ".mixing",
     "METADATA_KEY": ".outputs",

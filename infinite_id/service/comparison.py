@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image
 
@@ -20,6 +20,9 @@ MAX_COMPARE_CELLS = 16
 COMPARE_MODES = ("methods", "strengths", "styles")
 
 
+MAX_AXIS_VALUES = 4  # a strength grid is at most 4 x 4 = MAX_COMPARE_CELLS images
+
+
 @dataclass
 class CompareResult:
     grid: Image.Image
@@ -27,10 +30,15 @@ class CompareResult:
     seed: int
     seconds: float
     title: str
+    notes: list[str] = field(default_factory=list)  # what was left out of the grid, and why, for the person
 
 
 def parse_values(text: str | Sequence[float] | None, low: float, high: float, default: Sequence[float]) -> list[float]:
     """"0.5, 1, 1.5" -> [0.5, 1.0, 1.5], each clamped to ``[low, high]``, duplicates dropped, at most 4."""
+    return _all_values(text, low, high, default)[:MAX_AXIS_VALUES]
+
+
+def _all_values(text, low: float, high: float, default: Sequence[float]) -> list[float]:
     if text is None or text == "":
         items: Sequence = default
     elif isinstance(text, str):
@@ -48,7 +56,7 @@ def parse_values(text: str | Sequence[float] | None, low: float, high: float, de
             values.append(value)
     if not values:
         values = list(default)
-    return values[:4]
+    return values
 
 
 def compare(
@@ -76,16 +84,19 @@ def compare(
     if identity is None:
         raise ValueError("Upload a photo of the person to compare.")
     plan: list[tuple[int, int, GenerationRequest]] = []  # (row, col, request)
+    notes: list[str] = []
     if mode == "methods":
         rows, cols = [""], [METHOD_LABELS[m] for m in ("text", "adapter", "infinite-id")]
         plan = [(0, 1, request.replace(method="adapter")), (0, 2, request.replace(method="infinite-id"))]
     elif mode == "strengths":
-        ids = parse_values(id_scales, *ID_SCALE_RANGE, default=(0.5, 1.0, 1.5))
-        sems = parse_values(semantic_scales, *SEMANTIC_SCALE_RANGE, default=(0.0, 1.0, 2.0))
+        ids = _axis(id_scales, ID_SCALE_RANGE, (0.5, 1.0, 1.5), "identity strengths", notes)
+        sems = _axis(semantic_scales, SEMANTIC_SCALE_RANGE, (0.0, 1.0, 2.0), "semantic strengths", notes)
         rows, cols = [f"identity {v:g}" for v in ids], [f"semantic {v:g}" for v in sems]
         plan = [(r, c, request.replace(method="infinite-id", id_scale=i, semantic_scale=s))
                 for r, i in enumerate(ids) for c, s in enumerate(sems)]
     else:
+        if not styles:
+            notes.append(f"No style was ticked, so the grid shows one style only ({request.style}).")
         names = [get_style(n).name for n in dict.fromkeys(styles or [request.style])]
         if len(names) > MAX_COMPARE_CELLS:
             raise ValueError(f"Pick at most {MAX_COMPARE_CELLS} styles to compare.")
@@ -122,7 +133,17 @@ def compare(
         captions=[["" if cell is None else _short_similarity(cell) for cell in row] for row in grid],
         title=title,
     )
-    return CompareResult(image, cells, int(request.seed), time.perf_counter() - started, title)
+    return CompareResult(image, cells, int(request.seed), time.perf_counter() - started, title, notes)
+
+
+def _axis(text, limits: tuple[float, float], default: Sequence[float], name: str, notes: list[str]) -> list[float]:
+    """One axis of the strength grid; a note when values are left out (a grid holds at most 4 x 4 images)."""
+    values = _all_values(text, *limits, default=default)
+    if len(values) > MAX_AXIS_VALUES:
+        kept = ", ".join(f"{v:g}" for v in values[:MAX_AXIS_VALUES])
+        notes.append(f"{len(values)} {name} were given; the grid keeps the first {MAX_AXIS_VALUES} ({kept}), "
+                     f"as it holds at most {MAX_AXIS_VALUES} x {MAX_AXIS_VALUES} = {MAX_COMPARE_CELLS} images.")
+    return values[:MAX_AXIS_VALUES]
 
 
 def _short_similarity(cell: GeneratedImage) -> str:

@@ -8,6 +8,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,16 +58,24 @@ class IdentityCache:
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._entries.values())
 
-    def encode(self, pipe, photo, face_index: int = 0, extra_photos: Sequence = (), analyzer=None) -> Identity:
+    def encode(self, pipe, photo, face_index: int = 0, extra_photos: Sequence = (), analyzer=None,
+               name: str | None = None) -> Identity:
         """``photo``: anything ``load_image`` takes. ``face_index``: which face of ``photo`` (0 = largest).
-        ``extra_photos``: more photos of the same person (their largest face each), averaged in."""
+        ``extra_photos``: more photos of the same person (their largest face each), averaged in.
+        A photo's error (unreadable, no usable face) names it: ``name`` for ``photo`` when given ("Person A"),
+        "extra photo 2" for the second extra photo (see ``named``)."""
         from ..faces.analyzer import average_embeddings, select_face
 
         analyzer = analyzer if analyzer is not None else pipe.face_analyzer
         if analyzer is None:
             raise ValueError("This engine has no face analyzer, so it cannot read a photo of a person.")
-        main = load_image(photo)
-        extras = [load_image(p) for p in extra_photos]
+        extra_names = [f"extra photo {i}" for i in range(1, len(extra_photos) + 1)]
+        with named(name):
+            main = load_image(photo)
+        extras = []
+        for extra, extra_name in zip(extra_photos, extra_names):
+            with named(extra_name):
+                extras.append(load_image(extra))
         parts = [image_hash(main), f"face{int(face_index)}", *(image_hash(e) for e in extras)]
         key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]  # names the photos, in the metadata too
         with self._lock:
@@ -76,8 +85,11 @@ class IdentityCache:
                 self.hits += 1
                 return entries[key]
             self.misses += 1
-        faces = [select_face(analyzer.analyze(main), int(face_index))]
-        faces += [analyzer.analyze(extra)[0] for extra in extras]
+        with named(name):
+            faces = [select_face(analyzer.analyze(main), int(face_index))]
+        for extra, extra_name in zip(extras, extra_names):
+            with named(extra_name):
+                faces.append(analyzer.analyze(extra)[0])
         features = pipe.encode_identity(faces)
         identity = Identity(features, average_embeddings(faces), key, int(face_index), len(faces))
         with self._lock:
@@ -86,6 +98,20 @@ class IdentityCache:
             while len(entries) > self.capacity:
                 entries.popitem(last=False)
         return identity
+
+
+@contextmanager
+def named(photo: str | None):
+    """A photo's error (a ``ValueError``: unreadable file, no usable face) names the photo it is about, so a person
+    with several photos knows which to change: "Person A: No face was found in this photo...". The error keeps
+    its type; ``error.photo`` holds the name."""
+    try:
+        yield
+    except ValueError as error:
+        if photo and getattr(error, "photo", None) is None and len(error.args) == 1:
+            error.photo = photo
+            error.args = (f"{photo[:1].upper()}{photo[1:]}: {error.args[0]}",)
+        raise
 
 
 def face_thumbnail(image: Image.Image, face, size: int = 128) -> Image.Image:

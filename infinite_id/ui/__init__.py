@@ -1,6 +1,7 @@
 """The Gradio app: one module per tab (``generate_tab``, ``compare_tab``, ``mix_tab``), shared widgets
-(``widgets``), the services the handlers share (``services``), the per-session job cap and cooperative cancel
-(``queue``), and the Blocks put together with its serving settings (``demo``). The only package that imports
+(``widgets``), the services the handlers share (``services``), each tab's status line (``status``), the
+per-session job cap and cooperative cancel (``queue``), and the Blocks put together with its serving settings
+(``demo``). docs/ui.md explains the choices. The only package that imports
 Gradio; it uses ``service``, ``models``, ``images`` and ``config`` below it, public Gradio API only.
 """
 
@@ -21,9 +22,18 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "Jobs": ".queue",
     "SessionCap": ".queue",
     "SessionJobs": ".queue",
+    "QUEUE_FULL": ".services",
     "OutputFolder": ".services",
     "Services": ".services",
+    "JobReport": ".status",
+    "Pace": ".status",
+    "QueueView": ".status",
+    "Status": ".status",
+    "StatusBoard": ".status",
+    "render": ".status",
     "PROGRESS": ".widgets",
+    "TOAST_S": ".widgets",
+    "by_position": ".widgets",
     "TabEvents": ".widgets",
     "TabSettings": ".widgets",
     "on_gpu": ".widgets",

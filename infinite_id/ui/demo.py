@@ -33,17 +33,49 @@ DELETE_CACHE = (SERVER.delete_cache_every_s, SERVER.delete_cache_age_s)
 CSS = """
 #engine-banner {background: #fff3cd; border: 2px solid #d39e00; border-radius: 8px; padding: 6px 12px;}
 #engine-banner p {color: #5c4400; margin: 0;}
-.similarity-note {font-size: 0.9em; opacity: 0.8;}
+.small-note {font-size: 0.9em; opacity: 0.85;}
+.status-line:empty {display: none;}
+.status {border-radius: 8px; padding: 8px 12px; border: 1px solid var(--border-color-primary);
+         overflow-wrap: anywhere;}
+.status-error {background: #fdecea; border-color: #d93025; color: #7a1c14;}
+.status-done {background: #e8f5e9; border-color: #2e7d32; color: #1b4d1f;}
+.status-stopped {background: #f1f3f4; color: #3c4043;}
+.status-bar {height: 8px; border-radius: 4px; background: var(--neutral-200); margin-bottom: 6px; overflow: hidden;}
+.status-bar > div {height: 100%; background: var(--color-accent); transition: width 0.4s;}
+.label-wrap .icon {flex-shrink: 0;}
+/* Face thumbnails wrap onto more rows on a narrow screen instead of being cut off at the side. */
+#faces .grid-container {grid-template-columns: repeat(auto-fill, minmax(88px, 1fr)) !important;
+                        grid-template-rows: none !important; grid-auto-rows: auto !important;}
+#faces .caption-label {font-size: 0.8em;}
+#c-grid .image-container {padding-top: 36px;}  /* the grid's own title row stays clear of the image buttons */
+.filename .stem {white-space: normal !important; overflow-wrap: break-word; text-overflow: clip !important;}
+/* Long captions and example cells wrap instead of being cut off or pushing the page sideways. */
+.caption-label {white-space: normal !important; overflow-wrap: anywhere;}
+@media (max-width: 480px) {.caption-label {font-size: 0.75em;}}
+#generate-examples table, #mix-examples table {table-layout: fixed; width: 100%;}
+#generate-examples td, #generate-examples th, #mix-examples td, #mix-examples th {
+  white-space: normal; overflow-wrap: anywhere;}
 """
 
-INTRO = (f"# {TITLE}\nUpload one photo of a person, describe a scene, pick a style. Identity and text are handled "
-         "by two streams, so the prompt and the style stay in charge of the picture while the face stays the "
-         "person's.")
+INTRO = (f"# {TITLE}\nUpload one photo of a person, describe a scene, pick a style. The face and the words are "
+         "handled in two separate streams, so the prompt and the style stay in charge of the picture while the "
+         "face stays the person's.")
+HOW_TO = """### How to get a good result
+- **The photo**: one person, face clearly visible and well lit, looking roughly at the camera; no sunglasses or
+  heavy shadows. A photo with several people works too: pick the face. More photos of the same person (under
+  *More photos*) give a steadier likeness.
+- **The prompt**: describe the scene, the clothes and the mood ("a woman reading in a sunlit library"); say
+  *a man*, *a woman* or *a person* rather than a name. The style adds its own words.
+- **The strengths** (under *Advanced*): if the face does not look like the person, raise *How much it looks like
+  the person*; if the prompt or the style is ignored, raise *How much the picture follows the prompt* or lower the
+  likeness. The *Compare* tab's strength grid shows the trade-off in one go.
+"""
 FOOTER = (
-    "Similarity is the ArcFace cosine between the face in each output and the face in the photo (the same person "
-    "usually scores above about 0.4); *n/a* means no face was found in the output. Every PNG carries its prompt, "
-    "seed and settings, so it can be reproduced (`python -m infinite_id generate --reproduce image.png --photo "
-    "...`). Photos are used only for the request and deleted from the server within the hour."
+    "Each picture's caption says how much it looks like the person (*identity 0.53*): a face-recognition model's "
+    "ArcFace cosine between the face in the picture and the face in the photo; the same person usually scores "
+    "above about 0.4, and *n/a* means no face was found in the picture. Every PNG keeps its prompt, seed and "
+    "settings, so it can be made again. "
+    "Photos are used only for the request and deleted from the server within the hour."
 )
 
 
@@ -74,20 +106,22 @@ def build_demo(get_pipeline: Callable, get_face_analyzer: Callable, *, engine: s
     The shared services are ``demo.handlers``."""
     delete_cache = delete_cache or DELETE_CACHE
     # The app's own copies of the outputs follow the same age as Gradio's cache of them.
+    gpu_limit = max(1, int(concurrency or SERVER.gpu_concurrency))
     services = Services(get_pipeline, get_face_analyzer, OutputFolder(max_age_s=delete_cache[1]),
-                        timeout_s=timeout_s, guard=guard)
+                        timeout_s=timeout_s, guard=guard, gpu_limit=gpu_limit)
     settings = TabSettings(
         styles=gen.load_styles(), default_style=gen.default_style_name(),
         steps=steps or (TINY_STEPS if engine == "tiny" else 30), guidance=guidance, fast=fast,
-        gpu_limit=max(1, int(concurrency or SERVER.gpu_concurrency)), examples=load_examples(engine),
+        gpu_limit=gpu_limit, examples=load_examples(engine),
     )
     with gr.Blocks(title="Infinite-ID", delete_cache=delete_cache, analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
         if banner:
             gr.Markdown(banner, elem_id="engine-banner")
-        with gr.Tabs():
+        with gr.Tabs(elem_id="tabs", overflow_behavior="wrap"):  # every tab reachable by name on a phone
             tabs = [tab.build(services, settings) for tab in (generate_tab, compare_tab, mix_tab)]
-        gr.Markdown(FOOTER, elem_classes="similarity-note")
+        gr.Markdown(HOW_TO, elem_id="how-to")
+        gr.Markdown(FOOTER, elem_classes="small-note")
 
         # Stop: cancel this session's job in Gradio and set its flag, so the pipeline call itself ends at the next
         # step. Callable by API clients as /cancel (same session), undocumented.
@@ -95,7 +129,7 @@ def build_demo(get_pipeline: Callable, get_face_analyzer: Callable, *, engine: s
         for tab in tabs:
             tab.stop.click(services.cancel, None, None, cancels=runs, queue=False, api_name="cancel",
                            api_visibility="undocumented")
-        services.sessions.gpu_fns.update(run["id"] for run in runs)  # the joins the per-session cap counts
+        services.sessions.gpu_fns.update({tab.run["id"]: tab.units for tab in tabs})  # what the cap counts
     demo.handlers = services  # for tests and for callers that want the cache statistics
     return demo
 

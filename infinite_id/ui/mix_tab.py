@@ -1,4 +1,4 @@
-"""The Identity mixing tab: one image of a person between two. Endpoint: ``/mix``."""
+"""The Mix tab: one image of a person between two. Endpoint: ``/mix``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,17 @@ import gradio as gr
 
 from .. import service as gen
 from ..config import SETTINGS
-from . import widgets
+from .generate_tab import PRIVATE
 from .queue import GPU
 from .services import Services
-from .widgets import PROGRESS, TabEvents, TabSettings, on_gpu, photo_input, user_errors
+from .widgets import PROGRESS, TabEvents, TabSettings, by_position, on_gpu, photo_input
+
+TAB = "mix"
+
+
+def units(steps=30, **_) -> float:
+    """The job's work in image-steps: one blended Infinite-ID image (identity and text streams)."""
+    return 2.0 * float(steps)
 
 
 class MixHandlers:
@@ -22,67 +29,83 @@ class MixHandlers:
         self, photo_a, photo_b, weight, prompt, style, aspect_ratio, steps, guidance, seed, randomize_seed,
         request: gr.Request, progress=PROGRESS,
     ):
-        """One image of a person between two: ``weight`` 0 is person A, 1 is person B."""
+        """One image of a person between two, ``weight`` 0 being person A and 1 person B: (gallery, info, PNG
+        files, seed used)."""
         s = self.services
-        with user_errors():
+        with s.job(request, TAB, units(steps), progress, "Mixing", "Reading the photos...") as report:
             pipe = s.get_pipeline()
             progress(0, desc="Reading the photos")
-            if photo_a is None or photo_b is None:
-                raise gr.Error("Upload a photo of each of the two people.")
-            first, second = s.identity(pipe, photo_a), s.identity(pipe, photo_b)
+            first = s.identity(pipe, photo_a, name="Person A")
+            second = s.identity(pipe, photo_b, name="Person B")
             job = s.request(pipe, aspect_ratio, seed, randomize_seed, prompt=prompt, style=style,
                             num_inference_steps=steps, guidance_scale=guidance)
             with s.running(request) as cancel:
-                result = gen.mix(pipe, job, first, second, weight,
-                                 on_step=widgets.progress_reporter(progress, "Mixing"), cancel=cancel,
+                result = gen.mix(pipe, job, first, second, weight, on_step=report.step, cancel=cancel,
                                  deadline=s.deadline())
             images, _, info = s.screen(result)
             paths = s.save(images, "mix")
             gallery = [(p, item.caption()) for p, item in zip(paths, images)]
+            report.finished("the blend of the two people.")
         return gallery, info, paths, result.seed
 
 
 def _inputs(settings: TabSettings) -> SimpleNamespace:
     ui = SimpleNamespace()
     with gr.Row():
-        ui.a = photo_input(label="Person A", height=220)
-        ui.b = photo_input(label="Person B", height=220)
-    ui.weight = gr.Slider(0, 1, value=0.5, step=0.05, label="Blend (0 = person A, 1 = person B)")
+        ui.a = photo_input(label="Person A", height=220, min_width=160, elem_id="person-a")
+        ui.b = photo_input(label="Person B", height=220, min_width=160, elem_id="person-b")
+    ui.weight = gr.Slider(0, 1, value=0.5, step=0.05, label="Blend: 0 is Person A, 1 is Person B",
+                          info="identity interpolation weight (between the two people's identity tokens)")
     ui.prompt = gr.Textbox(label="Prompt", lines=2, max_length=SETTINGS.max_prompt_chars,
                            value="a portrait of a person")
     with gr.Row():
-        ui.style = gr.Dropdown(settings.style_choices, value=settings.default_style, label="Style")
-        ui.aspect = gr.Dropdown(list(gen.ASPECT_RATIOS), value=gen.DEFAULT_ASPECT, label="Aspect ratio")
+        ui.style = gr.Dropdown(settings.style_choices, value=settings.default_style, label="Style", min_width=200)
+        ui.aspect = gr.Dropdown(list(gen.ASPECT_RATIOS), value=gen.DEFAULT_ASPECT, label="Shape and size",
+                                min_width=220)
     with gr.Row():
-        ui.steps = gr.Slider(*gen.STEPS_RANGE, value=settings.steps, step=1, label="Steps")
-        ui.guidance = gr.Slider(*gen.GUIDANCE_RANGE, value=settings.guidance, step=0.5, label="Guidance")
+        ui.steps = gr.Slider(*gen.STEPS_RANGE, value=settings.steps, step=1, label="Steps", min_width=220)
+        ui.guidance = gr.Slider(*gen.GUIDANCE_RANGE, value=settings.guidance, step=0.5, min_width=220,
+                                label="How literally to take the words", info="guidance scale (CFG)")
     with gr.Row():
-        ui.seed = gr.Number(value=0, precision=0, minimum=0, maximum=gen.MAX_SEED, label="Seed")
-        ui.randomize = gr.Checkbox(value=True, label="Randomize seed")
-    with gr.Row():
-        ui.run = gr.Button("Mix", variant="primary", scale=3)
-        ui.stop = gr.Button("Stop", variant="stop", scale=1)
+        ui.seed = gr.Number(value=0, precision=0, minimum=0, maximum=gen.MAX_SEED, label="Seed", min_width=160)
+        ui.randomize = gr.Checkbox(value=True, label="New seed each time", min_width=160)
+    with gr.Row(elem_classes="run-row"):
+        ui.run = gr.Button("Mix", variant="primary", scale=3, min_width=120, elem_id="mix-btn")
+        ui.stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="mix-stop")
+    ui.status = gr.HTML("", elem_id="mix-status", elem_classes="status-line")
     return ui
 
 
 def build(services: Services, settings: TabSettings) -> TabEvents:
     """The tab's layout and events (call inside ``gr.Tabs``)."""
     handlers = MixHandlers(services)
-    with gr.Tab("Identity mixing", id="mix"):
-        with gr.Row():
-            with gr.Column(scale=1):
+    with gr.Tab("Mix two people", id=TAB):
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=300):
                 ui = _inputs(settings)
-            with gr.Column(scale=1):
-                gallery = gr.Gallery(label="The blend (similarity to each person in the caption)", columns=1,
-                                     height=420, format="png")
-                info = gr.Markdown(label="Generation info")
+            with gr.Column(scale=1, min_width=300):
+                gallery = gr.Gallery(label="The blend",
+                                     columns=1, height="auto", format="png", elem_id="m-gallery")
+                info = gr.Markdown(elem_classes="small-note")
                 files = gr.File(label="PNG with settings", file_count="multiple", interactive=False)
         if settings.examples.get("mix"):
-            gr.Examples(settings.examples["mix"], inputs=[ui.a, ui.b, ui.prompt], label="Examples")
-    run = ui.run.click(
+            gr.Examples(settings.examples["mix"], inputs=[ui.a, ui.b, ui.prompt], label="Examples",
+                        elem_id="mix-examples")
+        timer = gr.Timer(1.0, active=False)
+
+    def view(request: gr.Request):
+        return services.view(request, TAB)
+
+    def begin(request: gr.Request):
+        return services.begin(request, TAB)
+
+    timer.tick(view, None, [ui.status, timer], queue=False, **PRIVATE)
+    run = ui.run.click(begin, None, [ui.status, timer], queue=False, **PRIVATE).then(
         on_gpu(handlers.mix),
         [ui.a, ui.b, ui.weight, ui.prompt, ui.style, ui.aspect, ui.steps, ui.guidance, ui.seed, ui.randomize],
         [gallery, info, files, ui.seed],
-        api_name="mix", concurrency_id=GPU, concurrency_limit=settings.gpu_limit,
+        api_name="mix", concurrency_id=GPU, concurrency_limit=settings.gpu_limit, show_progress="hidden",
     )
-    return TabEvents(run=run, stop=ui.stop)
+    for after in (run.then, run.failure):  # Gradio runs .then() steps after a success only
+        after(view, None, [ui.status, timer], queue=False, **PRIVATE)
+    return TabEvents(run=run, stop=ui.stop, units=by_position(handlers.mix, units))

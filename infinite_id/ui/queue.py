@@ -21,7 +21,9 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 GPU = "gpu"  # the concurrency id of every event that runs the pipeline
@@ -62,49 +64,57 @@ class Jobs:
         return flag is not None
 
 
+@dataclass(frozen=True)
+class Entry:
+    joined: float  # time.monotonic() at the join
+    units: float  # the job's work in image-steps, from what it asked for (for the waiting time estimate)
+
+
 class SessionJobs:
-    """GPU jobs per session, waiting or running: ``session -> {event_id or ticket: joined_at}``.
+    """GPU jobs per session, waiting or running: ``session -> {event_id or ticket: Entry}``.
 
     A join reserves a ticket before Gradio sees it (so two joins at once cannot both pass the cap), which becomes
     the event id once Gradio accepts it, or is dropped when Gradio refuses. Thread-safe: the middleware runs on
-    the event loop, the Stop handler in a worker thread.
+    the event loop, the status line's reads in worker threads.
     """
 
     def __init__(self, cap: int = 1, stale_after_s: float = 3 * 3600):
         self.cap = max(1, int(cap))
         self.stale_after_s = stale_after_s
-        self.gpu_fns: set[int] = set()  # the fn_index of each event that joins the GPU queue
-        self._held: dict[str, dict[str, float]] = {}
+        # fn_index of each event that joins the GPU queue -> its work estimate from the join's data
+        self.gpu_fns: dict[int, Callable[[list], float]] = {}
+        self._held: dict[str, dict[str, Entry]] = {}
         self._early: OrderedDict[str, None] = OrderedDict()  # completed before their join was answered
+        self._refused: dict[str, tuple[float, str]] = {}
         self._lock = threading.Lock()
 
     def count(self, session: str) -> int:
         with self._lock:
             return len(self._held.get(session, {}))
 
-    def reserve(self, session: str) -> str | None:
+    def reserve(self, session: str, units: float = 0.0) -> str | None:
         """A ticket for one more job of ``session``, or None when it already has ``cap``."""
         now = time.monotonic()
         with self._lock:
             held = self._held.setdefault(session, {})
-            for key, joined in list(held.items()):
-                if now - joined > self.stale_after_s:
+            for key, entry in list(held.items()):
+                if now - entry.joined > self.stale_after_s:
                     del held[key]
             if len(held) >= self.cap:
                 return None
             ticket = f"ticket-{uuid.uuid4().hex}"
-            held[ticket] = now
+            held[ticket] = Entry(now, units)
             return ticket
 
     def bind(self, session: str, ticket: str, event_id: str | None) -> None:
         """Gradio accepted the job as ``event_id`` (None: refused, the ticket goes)."""
         with self._lock:
             held = self._held.get(session, {})
-            joined = held.pop(ticket, None)
+            entry = held.pop(ticket, None)
             if event_id in self._early:  # it already finished
                 del self._early[event_id]
-            elif event_id and joined is not None:
-                held[event_id] = joined
+            elif event_id and entry is not None:
+                held[event_id] = entry
             self._forget_if_empty(session)
 
     def finish(self, session: str, event_id: str) -> None:
@@ -123,6 +133,28 @@ class SessionJobs:
             for key in [k for k in held if not k.startswith("ticket-")]:
                 del held[key]
             self._forget_if_empty(session or "")
+
+    def refused(self, session: str, detail: str) -> None:
+        """A join of ``session`` was turned away (its cap, or a full queue), for its status line."""
+        with self._lock:
+            self._refused[session] = (time.monotonic(), detail)
+            while len(self._refused) > 1024:
+                del self._refused[next(iter(self._refused))]
+
+    def refusal_since(self, session: str, since: float) -> str | None:
+        with self._lock:
+            when, detail = self._refused.get(session, (0.0, ""))
+        return detail if when >= since else None
+
+    def line(self, session: str) -> tuple[list[tuple[str, float]], float] | None:
+        """The jobs ahead of ``session``'s oldest job, as (session, units), and that job's own units; None when
+        the session has no job in the queue."""
+        with self._lock:
+            everyone = [(e.joined, s, e.units) for s, held in self._held.items() for e in held.values()]
+        mine = sorted(j for j in everyone if j[1] == session)
+        if not mine:
+            return None
+        return [(s, units) for joined, s, units in sorted(everyone) if joined < mine[0][0]], mine[0][2]
 
     def _forget_if_empty(self, session: str) -> None:
         if not self._held.get(session, True):
@@ -144,11 +176,12 @@ class SessionCap:
 
     async def _join(self, scope, receive, send):
         body = await _read_body(receive)
-        session, fn = _join_fields(body)
+        session, fn, data = _join_fields(body)
         ticket = None
         if session and fn in self.jobs.gpu_fns:
-            ticket = self.jobs.reserve(session)
+            ticket = self.jobs.reserve(session, _units(self.jobs.gpu_fns[fn], data))
             if ticket is None:
+                self.jobs.refused(session, BUSY_SESSION)
                 return await _send_json(send, 400, {"detail": BUSY_SESSION})
         answer = {"status": 0, "body": b""}
 
@@ -164,6 +197,8 @@ class SessionCap:
             await self.app(scope, _replay(body, receive), capture if ticket else send)
             if ticket and answer["status"] == 200:
                 event_id = _json(answer["body"]).get("event_id")
+            elif ticket:  # Gradio turned it away: "Queue is full", say
+                self.jobs.refused(session, str(_json(answer["body"]).get("detail") or "The queue refused it."))
         finally:
             if ticket:
                 self.jobs.bind(session, ticket, event_id)
@@ -222,10 +257,20 @@ def _json(raw: bytes) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _join_fields(body: bytes) -> tuple[str | None, int | None]:
-    data = _json(body)
-    session, fn = data.get("session_hash"), data.get("fn_index")
-    return (session if isinstance(session, str) else None), (fn if isinstance(fn, int) else None)
+def _join_fields(body: bytes) -> tuple[str | None, int | None, list]:
+    fields = _json(body)
+    session, fn, data = fields.get("session_hash"), fields.get("fn_index"), fields.get("data")
+    return ((session if isinstance(session, str) else None), (fn if isinstance(fn, int) else None),
+            (data if isinstance(data, list) else []))
+
+
+def _units(estimate: Callable[[list], float], data: list) -> float:
+    """The job's work from its inputs, for time estimates only: whatever a client sent, never an error here
+    (Gradio checks the values itself)."""
+    try:
+        return max(0.0, float(estimate(data)))
+    except Exception:
+        return 0.0
 
 
 async def _send_json(send, status: int, payload: dict) -> None:

@@ -8,14 +8,19 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
 
 from .. import service as gen
 from ..config import SERVER
+from . import widgets
 from .queue import Jobs, SessionJobs
+from .status import JobReport, Pace, QueueView, Status, StatusBoard, render
+
+QUEUE_FULL = "The queue is full right now, so this request was not taken. Please try again in a minute."
 
 
 class OutputFolder:
@@ -41,7 +46,7 @@ class Services:
     """The shared services of one demo (``demo.handlers``), and the steps every handler takes."""
 
     def __init__(self, get_pipeline: Callable, get_face_analyzer: Callable, outputs: OutputFolder | None = None,
-                 timeout_s: float | None = None, guard: gen.OutputGuard | None = None):
+                 timeout_s: float | None = None, guard: gen.OutputGuard | None = None, gpu_limit: int = 1):
         self.get_pipeline = get_pipeline
         # Built here, at start-up: a safety checker that cannot be imported stops the app before any request.
         self.guard = guard or gen.OutputGuard.from_settings(SERVER)
@@ -55,14 +60,16 @@ class Services:
             stale_after_s=self.timeout_s * (SERVER.queue_max_size + 1),
         )
         self.outputs = outputs or OutputFolder()
+        self.board, self.pace, self.gpu_limit = StatusBoard(), Pace(), max(1, int(gpu_limit))
 
-    def identity(self, pipe, photo, face_index=0, extra_photos=None) -> gen.Identity:
+    def identity(self, pipe, photo, face_index=0, extra_photos=None, name: str = "the photo") -> gen.Identity:
+        """The person in ``photo``; an error names the photo (``name``, "extra photo 2")."""
         if photo is None:
-            raise gr.Error("Upload a photo of the person first (or take one with the webcam).")
+            raise ValueError(f"Upload {name} first: a photo of the person (or take one with the webcam)."
+                             if name == "the photo" else f"Upload a photo of {name} first.")
         extras = [p for p in (extra_photos or []) if p]
-        return self.identities.encode(
-            pipe, photo, face_index=int(face_index or 0), extra_photos=extras, analyzer=self.get_face_analyzer()
-        )
+        return self.identities.encode(pipe, photo, face_index=int(face_index or 0), extra_photos=extras,
+                                      analyzer=self.get_face_analyzer(), name=name)
 
     @staticmethod
     def request(pipe, aspect_ratio, seed, randomize_seed, **values) -> gen.GenerationRequest:
@@ -80,7 +87,7 @@ class Services:
         info line (with a notice when the safety check withheld any). Nothing withheld is saved."""
         images, withheld = self.guard.screen(result.images)
         if not images:
-            raise gr.Error(gen.WITHHELD_MESSAGE, print_exception=False)
+            raise ValueError(gen.WITHHELD_MESSAGE)
         text_images, text_withheld = self.guard.screen(result.text_images) if text_stream else ([], 0)
         info = result.info()
         if withheld or text_withheld:
@@ -94,7 +101,60 @@ class Services:
     def deadline(self) -> float | None:
         return gen.deadline_in(self.timeout_s)
 
+    @contextmanager
+    def job(self, request: gr.Request | None, tab: str, units: float, progress: gr.Progress, desc: str,
+            starting: str = "Starting...") -> Iterator[JobReport]:
+        """One handler call: its steps reach Gradio's progress and the tab's status line, its errors become
+        sentences there too (and a ``gr.Error``). The handler calls ``report.finished(...)`` when done."""
+        report = JobReport(self.board, self.pace, request.session_hash if request else None, tab, units,
+                           widgets.progress_reporter(progress, desc), starting)
+
+        def record(sentence: str, error: Exception) -> None:
+            report.failed(sentence, stopped=isinstance(error, gen.GenerationCancelled))
+
+        with widgets.user_errors(record):
+            yield report
+
+    def begin(self, request: gr.Request | None, tab: str):
+        """A run button was pressed: the status line says so at once (replacing the last outcome) and the
+        page starts asking for news once a second."""
+        session = request.session_hash if request else None
+        status = self.board.set(session, tab, Status("sent", since=time.monotonic()))
+        return render(status, None), gr.Timer(active=True)
+
+    def view(self, request: gr.Request | None, tab: str):
+        """The tab's status line now, and whether the page should keep asking (a job waiting or running)."""
+        session = request.session_hash if request else None
+        status = self.board.get(session, tab)
+        queue = None
+        if status.phase == "sent" and session:
+            refusal = self.sessions.refusal_since(session, status.since)
+            if refusal:
+                message = QUEUE_FULL if "queue is full" in refusal.lower() else refusal
+                status = self.board.update(session, tab, phase="error", message=message)
+            else:
+                queue = self._line_view(session)
+        return render(status, queue), gr.Timer(active=not status.final)
+
+    def _line_view(self, session: str) -> QueueView | None:
+        line = self.sessions.line(session)
+        if line is None:
+            return None
+        ahead, own = line
+        remaining = 0.0
+        for other, units in ahead:
+            running = self.board.running(other)
+            share = running.done / running.total if running is not None and running.total else 0.0
+            remaining += units * (1 - share)
+        starts_in, takes = self.pace.seconds(remaining), self.pace.seconds(own)
+        if starts_in is not None:
+            starts_in /= self.gpu_limit
+        return QueueView(len(ahead), starts_in, takes)
+
     def cancel(self, request: gr.Request):
-        """Stop: the running job ends at its next step. (The session's count drops when the job's end passes its
-        event stream, as for any other end: see ``queue.SessionCap``.)"""
-        self.jobs.cancel(request.session_hash if request else None)
+        """Stop: the running job ends at its next step (its status line then says after which step); a waiting
+        one leaves the queue. (The session's count drops when the job's end passes its event stream, as for any
+        other end: see ``queue.SessionCap``.)"""
+        session = request.session_hash if request else None
+        self.jobs.cancel(session)
+        self.board.stop_waiting(session)

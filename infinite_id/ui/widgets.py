@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import inspect
 import logging
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -43,25 +44,37 @@ def photo_input(**kwargs) -> gr.Image:
     return image
 
 
+TOAST_S = 6  # how long an error's pop-up stays; the tab's status line keeps the sentence after it fades
+
+
 @contextmanager
-def user_errors():
-    """Library errors -> ``gr.Error`` sentences; anything else is logged and answered with a generic sentence.
-    The server keeps serving either way. Messages are HTML-escaped: Gradio renders them as HTML."""
+def user_errors(on_error: Callable[[str, Exception], None] | None = None):
+    """Library errors -> ``gr.Error`` sentences; anything else is logged with its traceback and answered with a
+    generic sentence. The server keeps serving either way. ``on_error(sentence, error)`` sees the sentence first
+    (the tab's status line keeps it). Messages are HTML-escaped: Gradio renders them as HTML.
+
+    An expected error (a ``ValueError``: a bad photo, no usable face, a blank or out-of-memory generation, a
+    cancelled job, missing weights) is the person's to fix, so the log gets one INFO line, no traceback."""
     try:
         yield
-    except gr.Error:
-        raise
+    except gr.Error as error:
+        _refuse(str(error.message), error, on_error)
     except (ValueError, FileNotFoundError) as error:
-        # Every user-facing error of the library is one of these, with a sentence for the person: a bad image,
-        # no usable face, a blank or out-of-memory generation, a cancelled job, missing weights.
-        raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from None
-    except Exception:
+        _refuse(str(error), error, on_error)
+    except Exception as error:
         logger.exception("A request failed")
-        raise gr.Error(
-            "Something went wrong on our side. Please try again; if it keeps happening, the server log has "
-            "the details.",
-            print_exception=False,
-        ) from None
+        sentence = ("Something went wrong on our side. Please try again; if it keeps happening, the server log has "
+                    "the details.")
+        if on_error is not None:
+            on_error(sentence, error)
+        raise gr.Error(sentence, duration=TOAST_S, print_exception=False) from None
+
+
+def _refuse(sentence: str, error: Exception, on_error) -> None:
+    logger.info("Request not done (%s): %s", type(error).__name__, sentence)
+    if on_error is not None:
+        on_error(sentence, error)
+    raise gr.Error(html.escape(sentence, quote=False), duration=TOAST_S, print_exception=False) from None
 
 
 def on_gpu(function: Callable, duration: int = 120) -> Callable:
@@ -111,3 +124,11 @@ class TabEvents:
 
     run: Any
     stop: gr.Button
+    units: Callable[[list], float]  # a queue join's data -> the job's work in image-steps (time estimates)
+
+
+def by_position(handler: Callable, estimate: Callable[..., float]) -> Callable[[list], float]:
+    """``estimate`` (keyword arguments named as ``handler``'s) for a queue join's data, a list in the handler's
+    parameter order."""
+    names = [n for n in inspect.signature(handler).parameters if n not in ("request", "progress")]
+    return lambda data: estimate(**dict(zip(names, data)))
