@@ -25,4 +25,8 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "read_classes": ".run",
     "summarize": ".run",
     "tiny_clip_scorer": ".run",
+    "DiffusersReference": ".reference",
+    "build_reference": ".reference",
+    "Setting": ".verify",
+    "verify_weights": ".verify",
 })

@@ -16,6 +16,7 @@ from PIL import Image
 
 from ..images import load_image
 from ..method.id_encoder import IdentityFeatures
+from ..method.identity_inputs import clip_channel_order_for
 
 
 def image_hash(image: Image.Image) -> str:
@@ -37,6 +38,7 @@ class Identity:
     key: str
     face_index: int = 0
     photos: int = 1
+    clip_channel_order: str | None = None  # the order the CLIP crop was read in (None: the encoder reads no CLIP)
 
 
 class IdentityCache:
@@ -57,32 +59,37 @@ class IdentityCache:
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._entries.values())
 
-    def encode(self, pipe, photo, face_index: int = 0, extra_photos: Sequence = (), analyzer=None) -> Identity:
+    def encode(self, pipe, photo, face_index: int = 0, extra_photos: Sequence = (), analyzer=None,
+               clip_channel_order: str | None = None) -> Identity:
         """``photo``: anything ``load_image`` takes. ``face_index``: which face of ``photo`` (0 = largest).
-        ``extra_photos``: more photos of the same person (their largest face each), averaged in."""
+        ``extra_photos``: more photos of the same person (their largest face each), averaged in.
+        ``clip_channel_order``: "rgb"/"bgr" for the CLIP crop, None for the adapter's published order."""
         from ..faces.analyzer import average_embeddings, select_face
 
         analyzer = analyzer if analyzer is not None else pipe.face_analyzer
         if analyzer is None:
             raise ValueError("This engine has no face analyzer, so it cannot read a photo of a person.")
+        encoder = getattr(pipe, "id_encoder", None)
+        order = clip_channel_order_for(encoder, clip_channel_order) if getattr(encoder, "needs_clip", False) else None
         main = load_image(photo)
         extras = [load_image(p) for p in extra_photos]
         parts = [image_hash(main), f"face{int(face_index)}", *(image_hash(e) for e in extras)]
         key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]  # names the photos, in the metadata too
+        slot = f"{key}|{order}"  # the same photos read in the other channel order are other features
         with self._lock:
             entries = self._entries.setdefault(pipe, OrderedDict())  # features depend on the engine as well
-            if key in entries:
-                entries.move_to_end(key)
+            if slot in entries:
+                entries.move_to_end(slot)
                 self.hits += 1
-                return entries[key]
+                return entries[slot]
             self.misses += 1
         faces = [select_face(analyzer.analyze(main), int(face_index))]
         faces += [analyzer.analyze(extra)[0] for extra in extras]
-        features = pipe.encode_identity(faces)
-        identity = Identity(features, average_embeddings(faces), key, int(face_index), len(faces))
+        features = pipe.encode_identity(faces, clip_channel_order=order) if order else pipe.encode_identity(faces)
+        identity = Identity(features, average_embeddings(faces), key, int(face_index), len(faces), order)
         with self._lock:
             entries = self._entries.setdefault(pipe, OrderedDict())
-            entries[key] = identity
+            entries[slot] = identity
             while len(entries) > self.capacity:
                 entries.popitem(last=False)
         return identity
