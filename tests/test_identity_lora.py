@@ -219,3 +219,18 @@ def test_native_checkpoint_carries_the_identity_lora(tmp_path):
               metadata={**metadata, "lora_rank": "8"})
     with pytest.raises(ValueError, match="mis-shaped keys"):
         load_checkpoint(dst, tmp_path / "lying.safetensors")
+
+
+def test_fast_mode_lora_fuses_into_the_unet_and_leaves_the_identity_lora_alone(tmp_path):
+    from test_weights import tiny_lora
+
+    from infinite_id.method.attention import check_installed
+    from infinite_id.models.fast import apply_fast_mode
+
+    pipe = tiny_pipeline(seed=3, face_analyzer=None)
+    load_adapter(pipe, write(tmp_path, pipe))
+    before = {k: v.clone() for k, v in id_lora_state_dict(pipe.unet).items()}
+    apply_fast_mode(pipe, "hyper-sd", tiny_lora(pipe))  # diffusers' PEFT loading, fused, unloaded
+    check_installed(pipe.unet)
+    after = id_lora_state_dict(pipe.unet)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
