@@ -252,6 +252,7 @@ def install_fast_processors(unet, backend=None) -> dict:
             new = FastIDCrossAttnProcessor.__new__(FastIDCrossAttnProcessor)
             torch.nn.Module.__init__(new)
             new.name, new.to_k_ip, new.to_v_ip = proc.name, proc.to_k_ip, proc.to_v_ip
+            new.id_lora = proc.id_lora  # shared too (None unless an adapter brought a LoRA)
         elif isinstance(proc, MixedSelfAttnProcessor):
             new = FastMixedSelfAttnProcessor(proc.name)
         else:

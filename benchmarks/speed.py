@@ -14,6 +14,9 @@ Modes (``--modes``, comma separated):
   infinite-id-cfg0.8  faithful with CFG truncation at 80% of the steps (changes the image slightly)
   adapter             one stream, text + identity cross-attention (the IP-Adapter baseline)
   text                our pipeline with method="text" (plain SDXL through our processors)
+  infinite-id-lora    faithful, with a rank-``--lora-rank`` identity LoRA (the FaceID files' 128) on the identity
+                      rows (lora_scale 1); every other mode of ours runs with lora_scale 0 (no LoRA work at all)
+  adapter-lora        the adapter with that LoRA (all rows are identity rows)
   MODE+proto          MODE with the prototype processors of benchmarks/attention_proto.py (its options 1-4)
   MODE+proto-kv       the same plus option 5 (text K/V computed once per call, which plain SDXL could do too)
 
@@ -156,7 +159,12 @@ BASE_MODES = {
                                "faithful + CFG truncation at 0.8"),
     "adapter": Mode("adapter", "ours", {"method": "adapter"}, "one stream, text + identity cross-attention"),
     "text": Mode("text", "ours", {"method": "text"}, "our pipeline, method='text'"),
+    "infinite-id-lora": Mode("infinite-id-lora", "ours", {"method": "infinite-id", "lora_scale": 1.0},
+                             "faithful + identity LoRA on the identity rows"),
+    "adapter-lora": Mode("adapter-lora", "ours", {"method": "adapter", "lora_scale": 1.0},
+                         "adapter + identity LoRA"),
 }
+LORA_PAIRS = (("infinite-id-lora", "infinite-id"), ("adapter-lora", "adapter"))  # (with the LoRA, without)
 DEFAULT_MODES = "plain,infinite-id,infinite-id-window,infinite-id-cfg0.8,adapter,text"
 
 
@@ -166,6 +174,8 @@ def parse_mode(name: str) -> Mode:
         raise SystemExit(f"Unknown mode {name!r}; choose from {', '.join(BASE_MODES)} (ours may end in +proto or "
                          "+proto-kv).")
     mode = BASE_MODES[base]
+    if suffix and "lora_scale" in mode.kwargs:
+        raise SystemExit(f"{name!r}: the prototype processors have no identity LoRA.")
     if not suffix:
         return mode
     note = mode.note + (", prototype processors" if suffix == "proto" else ", prototype processors + text K/V cache")
@@ -356,6 +366,8 @@ class Bench:
             attention_proto.install_fast_processors(unet, backend)
             self.pipes["proto"] = InfiniteIDPipeline(**parts, unet=unet, scheduler=scheduler,
                                                      id_encoder=engine.id_encoder)
+        if any(m.kwargs.get("lora_scale") for m in modes):
+            self.lora_params = install_identity_lora(engine.unet, args.lora_rank, engine.dtype)
         for pipe in self.pipes.values():
             pipe.set_progress_bar_config(disable=True)
         if args.quantize != "off":
@@ -398,7 +410,8 @@ class Bench:
             output_type="latent" if args.skip_vae else "pil",
         )
         if mode.pipeline == "ours":
-            kwargs.update(id_embeds=self.engine.id_tokens, **mode.kwargs)
+            # lora_scale 0 unless the mode asks for the LoRA: the processors then skip its work entirely.
+            kwargs.update(id_embeds=self.engine.id_tokens, **{"lora_scale": 0.0, **mode.kwargs})
         patch = attention_proto.patched(text_kv=mode.text_kv) if mode.proto else contextlib.nullcontext()
         self.timer.reset()
         device = self.timer.device
@@ -424,6 +437,51 @@ class Bench:
             sample.update(e2e_cpu_s=e2e_cpu, unet_cpu_s=unet_cpu, unet_step_cpu_s=unet_cpu / steps,
                           unet_calls_cpu=[round(c[2], 4) for c in calls])
         return sample
+
+
+def install_identity_lora(unet: torch.nn.Module, rank: int, dtype: torch.dtype) -> int:
+    """A random rank-``rank`` identity LoRA on every attention processor of ``unet`` (what an IP-Adapter-FaceID
+    file brings: 128 at SDXL size). Returns its parameter count."""
+    from infinite_id.method.id_lora import IdentityLoRA
+
+    count = 0
+    with constructing(next(unet.parameters()).device, dtype):
+        for _, attn in id_attention.attention_layers(unet):
+            attn.processor.id_lora = IdentityLoRA(attn, rank).requires_grad_(False)
+            count += sum(p.numel() for p in attn.processor.id_lora.parameters())
+    return count
+
+
+def count_lora_flops(resolution: int, rank: int) -> dict:
+    """UNet TFLOP per step with and without a rank-``rank`` identity LoRA, through the package's own processors on
+    the meta device (exact): the faithful layout (LoRA on 2 of 4 rows) and the adapter's (on 2 of 2 rows)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dtype, latent = torch.bfloat16, resolution // 8
+    with constructing(torch.device("meta"), dtype):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        id_attention.install_id_processors(unet)
+    install_identity_lora(unet, rank, dtype)
+    result = {}
+    for name, batch, ids, texts in (("faithful (batch 4)", 4, [1, 3], [0, 2]), ("adapter (batch 2)", 2, [0, 1], None)):
+        with torch.device("meta"):
+            args = (torch.randn(batch, 4, latent, latent, dtype=dtype), torch.tensor(500.0))
+            kwargs = {"encoder_hidden_states": torch.randn(batch, 77, 2048, dtype=dtype),
+                      "added_cond_kwargs": {"text_embeds": torch.randn(batch, 1280, dtype=dtype),
+                                            "time_ids": torch.randn(batch, 6, dtype=dtype)}}
+            rows = torch.tensor(ids)
+            text = None if texts is None else torch.tensor(texts)
+            tokens = torch.randn(len(ids), 261, 2048, dtype=dtype)
+        flops = {}
+        for scale in (0.0, 1.0):
+            call = id_attention.IDCall(id_rows=rows, id_tokens=tokens, text_rows=text,
+                                       other_rows=text if text is not None else rows[:0], lora_scale=scale)
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                unet(*args, **kwargs, cross_attention_kwargs={"id_call": call})
+            flops[scale] = counter.get_total_flops() / 1e12
+        result[name] = {"tflop_without": round(flops[0.0], 3), "tflop_with": round(flops[1.0], 3),
+                        "ratio": round(flops[1.0] / flops[0.0], 4)}
+    return result
 
 
 def explain_graph_breaks(bench: Bench, modes: list[Mode]) -> dict:
@@ -594,6 +652,8 @@ def run(args: argparse.Namespace, modes: list[Mode]) -> dict:
     if reports:
         # Compilation happens in each layout's first call (the warm-up): reported apart from the timed rounds.
         info["compile_first_call_s"] = reports
+    if getattr(bench, "lora_params", None):
+        info["identity_lora"] = {"rank": args.lora_rank, "parameters_m": round(bench.lora_params / 1e6, 1)}
     if args.skip_vae and not args.quick:
         info["vae_decode_s"] = time_vae_decode(engine, args.resolution)
     if args.id_encoder:
@@ -651,9 +711,29 @@ def summarise(rounds: list[dict[str, dict]], modes: list[Mode], info: dict, proj
     return summary
 
 
-def _paired_ratio(rounds: list[dict[str, dict]], name: str, key: str) -> float:
-    """Median over rounds of (mode / plain of the same round)."""
-    return statistics.median(r[name][key] / r["plain"][key] for r in rounds)
+def _paired_ratio(rounds: list[dict[str, dict]], name: str, key: str, base: str = "plain") -> float:
+    """Median over rounds of (mode / ``base`` of the same round)."""
+    return statistics.median(r[name][key] / r[base][key] for r in rounds)
+
+
+def lora_costs(rounds: list[dict[str, dict]]) -> dict:
+    """What the identity LoRA costs: per step and per image, (mode with it / the same mode without it), the median
+    over rounds of the pair in the same round; in thread CPU time where measured."""
+    costs = {}
+    for with_lora, without in LORA_PAIRS:
+        paired = [r for r in rounds if with_lora in r and without in r]
+        if not paired:
+            continue
+        entry = {"step": _paired_ratio(paired, with_lora, "unet_step_s", without),
+                 "image": _paired_ratio(paired, with_lora, "e2e_s", without),
+                 "per_round_step": [round(r[with_lora]["unet_step_s"] / r[without]["unet_step_s"], 4) for r in paired]}
+        if all("unet_step_cpu_s" in r[with_lora] and "unet_step_cpu_s" in r[without] for r in paired):
+            entry["step_cpu"] = _paired_ratio(paired, with_lora, "unet_step_cpu_s", without)
+            entry["image_cpu"] = _paired_ratio(paired, with_lora, "e2e_cpu_s", without)
+            entry["per_round_step_cpu"] = [round(r[with_lora]["unet_step_cpu_s"] / r[without]["unet_step_cpu_s"], 4)
+                                           for r in paired]
+        costs[f"{with_lora} / {without}"] = entry
+    return costs
 
 
 def run_isolated(args: argparse.Namespace, modes: list[Mode]) -> dict:
@@ -765,6 +845,10 @@ def markdown(result: dict) -> str:
         lines.append(f"{row} {e['peak_bytes'] / gb:.2f} ({e['peak_above_start_bytes'] / gb:.2f}) |")
     lines.append("")
     lines += [f"- {line}" for line in bars(summary, s["skip_vae"], s["device"], s["fast"])]
+    for pair, c in result.get("lora_costs", {}).items():
+        cpu = (f"; CPU time: step **{c['step_cpu']:.3f}**, image {c['image_cpu']:.3f} (per round "
+               f"{', '.join(f'{x:.3f}' for x in c['per_round_step_cpu'])})") if "step_cpu" in c else ""
+        lines.append(f"- identity LoRA cost, {pair}: wall step {c['step']:.3f}, image {c['image']:.3f}{cpu}")
     lines += [f"- {name}: ERROR {'; '.join(e['errors'])}" for name, e in summary.items() if e.get("errors")]
     info = result["info"]
     if "vae_decode_s" in info:
@@ -787,6 +871,13 @@ def markdown(result: dict) -> str:
                          for layout, sec in layouts.items()))
     if "quantized_linear_layers" in info:
         lines.append(f"- UNet int8 weight-only (torchao): {info['quantized_linear_layers']} Linear layers")
+    if "identity_lora" in info:
+        lines.append(f"- identity LoRA: rank {info['identity_lora']['rank']}, "
+                     f"{info['identity_lora']['parameters_m']} M parameters (random)")
+    if "lora_flops" in info:
+        lines.append("- identity LoRA, TFLOP per UNet step without -> with (ratio; package processors, meta device): "
+                     + "; ".join(f"{k} {v['tflop_without']:.3f} -> {v['tflop_with']:.3f} ({v['ratio']:.4f})"
+                                 for k, v in info["lora_flops"].items()))
     if "id_encoder" in info:
         lines.append("- per photo (not per step): " + ", ".join(f"{k} {v:.4f} s" for k, v in info["id_encoder"].items()))
     if "graph_breaks" in info:
@@ -858,6 +949,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a fast mode's scheduler, steps and guidance (its LoRA is fused: no cost of its own)")
     p.add_argument("--id-encoder", action="store_true", help="also time the ID encoder and the CLIP ViT-H tower")
     p.add_argument("--isolate", action="store_true", help="each mode in its own process (not interleaved)")
+    p.add_argument("--lora-rank", type=int, default=128, help="rank of the identity LoRA of the *-lora modes "
+                   "(default 128, the IP-Adapter-FaceID files')")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -902,6 +995,8 @@ def main(argv: list[str] | None = None) -> dict:
     outcome = run_isolated(args, modes) if args.isolate else run(args, modes)
     if args.flops and not args.quick:
         outcome["info"]["flops"] = count_flops(args.resolution)
+        if any(m.kwargs.get("lora_scale") for m in modes):
+            outcome["info"]["lora_flops"] = count_lora_flops(args.resolution, args.lora_rank)
     summary = summarise(outcome["rounds"], modes, outcome["info"])
     device = torch.device(args.device)
     result = {
@@ -914,6 +1009,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "load_after": " ".join(f"{x:.1f}" for x in os.getloadavg())},
         "summary": {k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in summary.items()},
         "raw_rounds": outcome["rounds"],
+        "lora_costs": lora_costs(outcome["rounds"]),
         "info": outcome["info"],
     }
     table = markdown(result)

@@ -1,4 +1,4 @@
-"""CLI: ``python -m infinite_id generate|compare|train|evaluate|download ...``.
+"""CLI: ``python -m infinite_id generate|compare|train|evaluate|verify-weights|download ...``.
 
 Each subcommand lives in the module that owns its work and parses its own arguments; this file only dispatches,
 importing lazily so ``--help`` and ``download`` do not pay for torch/diffusers imports they do not need.
@@ -15,6 +15,8 @@ COMMANDS = {
     "download": ("infinite_id.models.options", "download_main", "fetch every weight file the app needs (or --dry-run)"),
     "train": ("infinite_id.training.trainer", "main", "identity-enhanced training of a native checkpoint"),
     "evaluate": ("infinite_id.evaluation.cli", "main", "CLIP-T, CLIP-I and face similarity per method"),
+    "verify-weights": ("infinite_id.evaluation.verify", "main",
+                       "on real weights: ours vs diffusers' adapter, LoRA / CLIP order / AdaIN-cross settled"),
 }
 
 

@@ -35,7 +35,21 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, help="classifier-free guidance (default: the sampling mode's, 5)")
     parser.add_argument("--seed", type=int, default=None, help="fix the seed (default: a random one, printed)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the PNGs (default outputs/)")
+    parser.add_argument("--lora-scale", type=float, default=1.0,
+                        help="strength of the adapter's LoRA on the identity stream, 0 to 2 (default 1, as the adapter "
+                             "was trained; 0 turns it off; ignored for adapters without one)")
+    parser.add_argument("--clip-channel-order", choices=("rgb", "bgr"), default=None,
+                        help="channel order of the face crop given to CLIP (default: the adapter's published order, "
+                             "BGR for FaceID-PlusV2, RGB otherwise; see docs/weights.md)")
+    parser.add_argument("--adain-cross", action=argparse.BooleanOptionalAction, default=True,
+                        help="AdaIN-mean on the cross-attention's identity keys/values too (Infinite-ID only; "
+                             "default on, as in the paper)")
     add_engine_arguments(parser)
+
+
+def _likeness(args) -> dict:
+    """The issue-14 knobs of a request, from the shared flags."""
+    return dict(lora_scale=args.lora_scale, adain_cross=args.adain_cross, clip_channel_order=args.clip_channel_order)
 
 
 def _size(args, pipe) -> tuple[int, int]:
@@ -113,7 +127,7 @@ def _generate(argv) -> int:
             id_scale=args.id_scale, semantic_scale=args.semantic_scale, style_strength=args.style_strength,
             mix_window=tuple(args.mix_window), num_inference_steps=args.steps or engine.steps,
             guidance_scale=engine.guidance if args.guidance is None else args.guidance, width=width, height=height,
-            seed=args.seed, num_images=args.num_images, fast=engine.fast,
+            seed=args.seed, num_images=args.num_images, fast=engine.fast, **_likeness(args),
         )
         face = args.face
     identity = None
@@ -121,7 +135,8 @@ def _generate(argv) -> int:
         if not args.photo:
             raise ValueError("Give a photo of the person with --photo (or use --method text).")
         identity = gen.IdentityCache().encode(pipe, args.photo, face_index=face, extra_photos=args.extra_photo,
-                                              analyzer=engine.face_analyzer)
+                                              analyzer=engine.face_analyzer,
+                                              clip_channel_order=request.clip_channel_order)
         recorded = (metadata.get("identity") or {}).get("key")
         if recorded and recorded != identity.key:
             print("warning: this is not the photo (or face) the image was made from; the person will differ.",
@@ -157,9 +172,10 @@ def _compare(argv) -> int:
     request = gen.GenerationRequest(
         prompt=args.prompt, style=args.style, num_inference_steps=args.steps or engine.steps,
         guidance_scale=engine.guidance if args.guidance is None else args.guidance, width=width, height=height,
-        seed=args.seed, fast=engine.fast,
+        seed=args.seed, fast=engine.fast, **_likeness(args),
     )
-    identity = gen.IdentityCache().encode(pipe, args.photo, face_index=args.face, analyzer=engine.face_analyzer)
+    identity = gen.IdentityCache().encode(pipe, args.photo, face_index=args.face, analyzer=engine.face_analyzer,
+                                          clip_channel_order=request.clip_channel_order)
     result = gen.compare(pipe, request, identity, args.mode, styles=args.styles, id_scales=args.id_scales,
                          semantic_scales=args.semantic_scales, on_step=_progress("comparing"))
     grid, paths = gen.save_comparison(result, args.out, stem=f"compare-{args.mode}")

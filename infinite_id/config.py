@@ -71,7 +71,6 @@ class ModelSettings:
     image_encoder: str = "h94/IP-Adapter/models/image_encoder"
     adapter: str | None = None  # None: faceid-plusv2, or with adapter_path whatever the file is (recognised)
     adapter_path: str | None = None  # a file for the adapter instead of its published one (or a native checkpoint)
-    adapter_lora: bool = False  # apply the LoRA inside IP-Adapter-FaceID files (acts on both streams)
     s_scale: float = 1.0  # FaceID-PlusV2's structure (CLIP) weight
     fast_mode: str | None = None  # "hyper-sd" or "lightning": a step-distilled LoRA and its scheduler
     fast_lora_path: str | None = None
@@ -97,7 +96,6 @@ def model_settings_from_env() -> ModelSettings:
         image_encoder=_env_str("INFINITE_ID_IMAGE_ENCODER") or d.image_encoder,
         adapter=_env_str("INFINITE_ID_ADAPTER"),
         adapter_path=_env_str("INFINITE_ID_ADAPTER_PATH"),
-        adapter_lora=os.environ.get("INFINITE_ID_ADAPTER_LORA", "").lower() in ("1", "true", "yes"),
         s_scale=_env_float("INFINITE_ID_S_SCALE", d.s_scale),
         fast_mode=_env_str("INFINITE_ID_FAST_MODE"),
         fast_lora_path=_env_str("INFINITE_ID_FAST_LORA"),

@@ -1,5 +1,6 @@
 """Public identity adapters (IP-Adapter-FaceID-PlusV2, IP-Adapter-Plus-Face, InstantID) as identity branches:
-their projection models, conversion on load, and their LoRA. Builds on ``method``.
+their projection models and conversion on load (their LoRA runs in ``method.id_lora``), and LoRAs fused into the
+whole UNet (fast mode). Builds on ``method``.
 """
 
 from .._lazy import lazy_exports
@@ -21,7 +22,6 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "adapter_info": ".encoders",
     "build_encoder": ".encoders",
     "detect_kind": ".encoders",
-    "adapter_lora_state_dict": ".lora",
     "apply_unet_lora": ".lora",
     "FacePerceiverResampler": ".resampler",
     "PerceiverAttention": ".resampler",

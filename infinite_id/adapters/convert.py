@@ -8,6 +8,7 @@ another kind than asked for, an SD 1.5 adapter on SDXL, a truncated download. ``
 from __future__ import annotations
 
 import inspect
+import logging
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -17,10 +18,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..method.attention import IDCrossAttnProcessor, attention_layers, id_adapter_layers
+from ..method.attention import IDCrossAttnProcessor, id_adapter_layers
 from ..method.checkpoint import FORMAT, check_state_dict, load_checkpoint
+from ..method.id_lora import check_lora_state, expected_lora_state, install_id_lora, remove_id_lora, split_lora_state
 from .encoders import adapter_info, build_encoder, detect_kind
-from .lora import LORA_PARTS, adapter_lora_state_dict, apply_unet_lora
+
+logger = logging.getLogger(__name__)
 
 # Context width and cross-attention layer count of the base models an adapter file may have been made for.
 KNOWN_UNETS = {(16, 768): "Stable Diffusion 1.5", (16, 1024): "Stable Diffusion 2.x", (70, 2048): "SDXL"}
@@ -92,20 +95,12 @@ def expected_layer_state(unet, lora_rank: int | None = None) -> dict[str, torch.
     files also hold a LoRA (rank ``lora_rank``) on q, k, v and out of *every* attention layer: ``{i}.to_q_lora.down``
     ``[rank, in]`` and ``{i}.to_q_lora.up`` ``[out, rank]``, and so on.
     """
-    meta = lambda *shape: torch.empty(shape, device="meta")  # noqa: E731
-    processors = list(unet.attn_processors.values())
     expected = {}
-    for i, (_, attn) in enumerate(attention_layers(unet)):
-        proc = processors[i]
+    for i, proc in enumerate(unet.attn_processors.values()):
         if isinstance(proc, IDCrossAttnProcessor):
             for name in ("to_k_ip", "to_v_ip"):
-                expected[f"{i}.{name}.weight"] = meta(*getattr(proc, name).weight.shape)
-        if lora_rank:
-            for ours, theirs in LORA_PARTS:
-                linear = attn.get_submodule(ours)
-                expected[f"{i}.{theirs}.down.weight"] = meta(lora_rank, linear.in_features)
-                expected[f"{i}.{theirs}.up.weight"] = meta(linear.out_features, lora_rank)
-    return expected
+                expected[f"{i}.{name}.weight"] = torch.empty(getattr(proc, name).weight.shape, device="meta")
+    return {**expected, **(expected_lora_state(unet, lora_rank) if lora_rank else {})}
 
 
 def check_adapter_layers(unet, ip_adapter: dict[str, torch.Tensor], what: str) -> int | None:
@@ -127,10 +122,9 @@ def check_adapter_layers(unet, ip_adapter: dict[str, torch.Tensor], what: str) -
             f"{f' ({guess})' if guess else ''}, but this one has {len(ours)} layers with {our_context}-d context"
             f"{f' ({mine})' if mine else ''}. Use the version of the adapter made for this base model."
         )
-    downs = sorted(k for k in ip_adapter if k.endswith("_lora.down.weight"))
-    rank = int(ip_adapter[downs[0]].shape[0]) if downs else None
-    check_state_dict(expected_layer_state(unet, rank), ip_adapter, f"{what} (ip_adapter)")
-    return rank
+    lora, layers = split_lora_state(ip_adapter)
+    check_state_dict(expected_layer_state(unet), layers, f"{what} (ip_adapter)")
+    return check_lora_state(unet, lora, what) if lora else None
 
 
 def _native_metadata(path: Path) -> dict[str, str] | None:
@@ -189,18 +183,17 @@ def load_adapter(
     *,
     s_scale: float | None = None,
     embedding_norm: float | None = None,
-    lora: bool = False,
-    lora_scale: float = 1.0,
     null_clip: bool = True,
 ) -> dict[str, str]:
     """Load an identity adapter file into ``pipe``: a native checkpoint or a public adapter, converted.
 
     ``kind``: the adapter the file must be (``adapters.ADAPTERS`` names), or None to detect it. ``s_scale``:
     FaceID-PlusV2's structure weight; ``embedding_norm``: InstantID's ArcFace scale (see ``InstantIDEncoder``).
-    ``lora``: also apply the LoRA that IP-Adapter-FaceID files carry, fused into the UNet at ``lora_scale``. It is
-    off by default: a UNet LoRA acts on *both* streams, so the text stream would no longer be plain SDXL.
-    ``null_clip``: compute the null identity's CLIP features now (one image-encoder pass); ``load_pipeline`` passes
-    False and calls ``pipe.id_encoder.set_null_clip_from(pipe.image_encoder)`` once the model is on its device.
+    The LoRA that IP-Adapter-FaceID files carry goes into the attention processors and acts on the identity
+    stream only, at each call's ``lora_scale`` (``method.id_lora``); an adapter without one removes any LoRA a
+    previous adapter left. ``null_clip``: compute the null identity's CLIP features now (one image-encoder pass);
+    ``load_pipeline`` passes False and calls ``pipe.id_encoder.set_null_clip_from(pipe.image_encoder)`` once the
+    model is on its device.
 
     Every check runs before anything changes: a file that fails leaves the pipeline as it was. Returns a summary
     (kind, title, file name, token count, LoRA state) for logs and the UI.
@@ -212,8 +205,9 @@ def load_adapter(
         if wanted not in (None, "infinite-id"):
             raise ValueError(f"{what} is a native Infinite-ID checkpoint, not {adapter_info(wanted).title}.")
         metadata = load_checkpoint(pipe, path)
+        rank = metadata.get("lora_rank")
         return {"kind": "infinite-id", "title": adapter_info("infinite-id").title, "file": what,
-                "num_tokens": metadata.get("num_tokens", ""), "lora": "none"}
+                "num_tokens": metadata.get("num_tokens", ""), "lora": _lora_text(int(rank) if rank else None)}
 
     converted = convert_adapter(pipe.unet, read_state_dict(path)[0], what, wanted, s_scale=s_scale,
                                 embedding_norm=embedding_norm)
@@ -237,9 +231,16 @@ def load_adapter(
         proc.to_k_ip.weight.data.copy_(converted.ip_adapter[f"{i}.to_k_ip.weight"])
         proc.to_v_ip.weight.data.copy_(converted.ip_adapter[f"{i}.to_v_ip.weight"])
     pipe.register_modules(id_encoder=encoder.to(device=param.device, dtype=param.dtype).eval())
-    lora_state = "none" if converted.lora_rank is None else "not applied"
-    if converted.lora_rank is not None and lora:
-        apply_unet_lora(pipe, adapter_lora_state_dict(pipe.unet, converted.ip_adapter), "adapter-lora", lora_scale)
-        lora_state = f"fused at {lora_scale}"
+    if converted.lora_rank is None:
+        remove_id_lora(pipe.unet)
+        if converted.kind == "faceid-plusv2":
+            logger.warning("%s has no LoRA keys, so lora_scale is ignored: the identity stream runs without the LoRA "
+                           "the FaceID adapters were trained with (expect a weaker likeness).", what)
+    else:
+        install_id_lora(pipe.unet, split_lora_state(converted.ip_adapter)[0], what)
     return {"kind": converted.kind, "title": encoder.title, "file": what, "num_tokens": str(encoder.num_tokens),
-            "lora": lora_state}
+            "lora": _lora_text(converted.lora_rank)}
+
+
+def _lora_text(rank: int | None) -> str:
+    return "none" if rank is None else f"rank {rank}, identity stream only"

@@ -53,6 +53,7 @@ class PublicEncoder(nn.Module):
     needs_face = True
     needs_clip = True
     clip_layer = -2  # IP-Adapter-Plus and FaceID-Plus read the penultimate CLIP hidden state
+    clip_channel_order = "rgb"  # the order the reference usage hands the crop to CLIP in (docs/weights.md)
     face_pack: str | None = "buffalo_l"  # the insightface pack whose embedding space the adapter was trained in
     image_proj: nn.Module
 
@@ -156,6 +157,9 @@ class FaceIDPlusEncoder(PublicEncoder):
 
     kind = "faceid-plusv2"
     title = "IP-Adapter-FaceID-PlusV2"
+    # The authors' usage reads the photo with cv2.imread and hands the aligned crop to CLIPImageProcessor as it is
+    # (BGR); diffusers' FaceID-Plus example does the same. docs/weights.md has the evidence.
+    clip_channel_order = "bgr"
 
     def __init__(self, face_dim: int = FACE_DIM, hidden_dim: int = 1024, clip_dim: int = 1280,
                  cross_attention_dim: int = 2048, num_tokens: int = 4, depth: int = 4, ff_mult: int = 4,

@@ -1,26 +1,9 @@
-"""The LoRA that IP-Adapter-FaceID files carry on every attention layer, and LoRAs fused into the UNet."""
+"""LoRAs fused into the whole UNet (fast mode's step-distilled LoRAs). The FaceID adapters' own LoRA is not fused:
+it runs inside the attention processors on the identity stream only (``method.id_lora``)."""
 
 from __future__ import annotations
 
-import torch
-
-from ..method.attention import attention_layers, check_installed
-
-LORA_PARTS = (("to_q", "to_q_lora"), ("to_k", "to_k_lora"), ("to_v", "to_v_lora"), ("to_out.0", "to_out_lora"))
-
-
-def adapter_lora_state_dict(unet, ip_adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The LoRA inside an IP-Adapter-FaceID file, in diffusers' PEFT key format (``unet.<module>.lora_A.weight``).
-
-    IP-Adapter's LoRALinearLayer has no alpha, i.e. a scale of 1: PEFT's default when no alpha is given.
-    """
-    state = {}
-    for i, (name, _) in enumerate(attention_layers(unet)):
-        module = name.removesuffix(".processor")
-        for ours, theirs in LORA_PARTS:
-            state[f"unet.{module}.{ours}.lora_A.weight"] = ip_adapter[f"{i}.{theirs}.down.weight"]
-            state[f"unet.{module}.{ours}.lora_B.weight"] = ip_adapter[f"{i}.{theirs}.up.weight"]
-    return state
+from ..method.attention import check_installed
 
 
 def apply_unet_lora(pipe, lora, adapter_name: str, scale: float = 1.0) -> None:

@@ -41,4 +41,8 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "find_subjects": ".subjects",
     "load_prompts": ".subjects",
     "read_classes": ".subjects",
+    "DiffusersReference": ".reference",
+    "build_reference": ".reference",
+    "Setting": ".verify",
+    "verify_weights": ".verify",
 })

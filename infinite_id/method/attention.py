@@ -1,10 +1,11 @@
 """Attention processors of Infinite-ID: ID cross-attention and mixed self-attention.
 
 The processors are installed once on the UNet and stay there. They hold only their own weights
-(``to_k_ip``/``to_v_ip``) and their layer name. Everything that belongs to one call (knobs, the current step,
-which batch rows form which stream, the identity tokens) arrives as an :class:`IDCall` through the UNet's
-``cross_attention_kwargs``, so two requests sharing a pipeline cannot leak into each other. Without an ``IDCall``
-every processor computes exactly what diffusers' stock SDPA processor computes.
+(``to_k_ip``/``to_v_ip``, and ``id_lora`` when the adapter carries a LoRA: see ``id_lora``) and their layer name.
+Everything that belongs to one call (knobs, the current step, which batch rows form which stream, the identity
+tokens) arrives as an :class:`IDCall` through the UNet's ``cross_attention_kwargs``, so two requests sharing a
+pipeline cannot leak into each other. Without an ``IDCall`` every processor computes exactly what diffusers' stock
+SDPA processor computes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .backends import SDPA
+from .id_lora import IdentityLoRA, add_on_rows
 from .ops import adain_mean
 
 
@@ -27,7 +29,8 @@ class IDCall:
 
     ``id_rows`` are the batch rows of the identity stream; ``text_rows[i]`` is the text-stream row that
     ``id_rows[i]`` mixes with (same image, same CFG polarity), or None when the batch has no text stream.
-    ``id_tokens[i]`` are the identity tokens of ``id_rows[i]``. Rows not in ``id_rows`` are computed stock;
+    ``id_tokens[i]`` are the identity tokens of ``id_rows[i]``. Rows not in ``id_rows`` are computed stock (no
+    identity branch, no identity LoRA);
     ``other_rows`` lists them (the pipeline knows them; None: derived here, at the cost of a host sync).
     ``ip_cache``: a dict owned by one call, in which each layer keeps its identity keys/values once projected
     (the tokens do not change between steps, so projecting them every step would be wasted work).
@@ -41,7 +44,8 @@ class IDCall:
     style_strength: float = 1.0
     mixing: bool = True  # this step is inside the mixing window
     mix_layers: tuple[str, ...] | None = None  # name prefixes of self-attention layers that mix; None = all
-    adain_cross: bool = False  # AdaIN-mean on the image K/V of cross-attention as well
+    adain_cross: bool = False  # AdaIN-mean on the image K/V of cross-attention as well (inside the mixing window)
+    lora_scale: float = 1.0  # the identity LoRA's strength on the identity rows (ignored when none is installed)
     text_branch: bool = True  # False in identity-enhanced training: cross-attention is the image branch alone
     other_rows: torch.Tensor | None = None
     ip_cache: dict | None = field(default=None, compare=False, repr=False)
@@ -82,15 +86,30 @@ class _Processor(nn.Module):
     """The parts of diffusers' AttnProcessor2_0 around the attention itself, shared by both processors.
 
     ``backend``: the attention kernel (``method.backends``), set when the processors are installed or the pipeline
-    is loaded, the same for every call; a class default so processors built without ``__init__`` have one too."""
+    is loaded, the same for every call; a class default so processors built without ``__init__`` have one too.
+    ``id_lora``: the identity LoRA of the loaded adapter, if it carries one (``id_lora``)."""
 
     backend = SDPA
+    id_lora: IdentityLoRA | None
 
     def __init__(self, name: str, backend=None):
         super().__init__()
         self.name = name
         if backend is not None:
             self.backend = backend
+        self.register_module("id_lora", None)  # an IdentityLoRA when the loaded adapter carries one
+
+    def _lora_rows(self, id_call: IDCall | None) -> tuple[torch.Tensor | None, float]:
+        """The rows the identity LoRA acts on and its scale: (None, 0) when it does not act in this call."""
+        if id_call is None or self.id_lora is None or id_call.lora_scale == 0:
+            return None, 0.0
+        return id_call.id_rows, id_call.lora_scale
+
+    def _project(self, attn: Attention, part: str, x: torch.Tensor, id_call: IDCall | None) -> torch.Tensor:
+        """``attn.<linear>(x)`` for every row, plus the identity LoRA's delta on the identity rows."""
+        linear = {"to_q_lora": attn.to_q, "to_k_lora": attn.to_k, "to_v_lora": attn.to_v}[part]
+        rows, scale = self._lora_rows(id_call)
+        return add_on_rows(linear(x), self.id_lora, part, x, rows, scale)
 
     @staticmethod
     def _enter(attn: Attention, hidden_states: torch.Tensor, temb: torch.Tensor | None):
@@ -105,9 +124,11 @@ class _Processor(nn.Module):
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         return hidden_states, residual, shape
 
-    @staticmethod
-    def _leave(attn: Attention, out: torch.Tensor, residual: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        out = attn.to_out[1](attn.to_out[0](out))
+    def _leave(self, attn: Attention, out: torch.Tensor, residual: torch.Tensor, shape: torch.Size,
+               id_call: IDCall | None = None) -> torch.Tensor:
+        # The output LoRA acts on the summed branches, before dropout, as in the authors' FaceID processors.
+        rows, scale = self._lora_rows(id_call)
+        out = attn.to_out[1](add_on_rows(attn.to_out[0](out), self.id_lora, "to_out_lora", out, rows, scale))
         if len(shape) == 4:
             out = out.transpose(-1, -2).reshape(shape)
         if attn.residual_connection:
@@ -135,7 +156,8 @@ class MixedSelfAttnProcessor(_Processor):
 
     ``K_t, V_t`` come from the paired text-stream row of the same layer and step. ``semantic_scale`` w enters as a
     logit bias ``log(w)`` on the text-stream keys (w = 0 drops them: no mixing). ``style_strength`` is the amount
-    of AdaIN-mean applied to the ID stream's keys and values towards the text stream's before concatenation.
+    of AdaIN-mean applied to the ID stream's keys and values towards the text stream's before concatenation. The
+    identity LoRA (if any) acts on the ID rows' q, k, v and output only: ``K_t, V_t`` stay the text stream's own.
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, id_call=None):
@@ -143,12 +165,14 @@ class MixedSelfAttnProcessor(_Processor):
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         batch = hidden_states.shape[0]
         mask = self._mask(attn, attention_mask, context.shape[1], batch)
-        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        q = self._project(attn, "to_q_lora", hidden_states, id_call)
+        k = self._project(attn, "to_k_lora", context, id_call)
+        v = self._project(attn, "to_v_lora", context, id_call)
 
         if id_call is None or not id_call.mixes_in(self.name):
             qh, kh = self._qk_norm(attn, _heads(q, attn.heads), _heads(k, attn.heads))
             out = self.backend(qh, kh, _heads(v, attn.heads), mask)
-            return self._leave(attn, _merge(out), residual, shape)
+            return self._leave(attn, _merge(out), residual, shape, id_call)
 
         ids, texts = id_call.id_rows, id_call.text_rows
         others = id_call.other_rows if id_call.other_rows is not None else _complement(ids, batch)
@@ -178,7 +202,7 @@ class MixedSelfAttnProcessor(_Processor):
         qh, kh = self._qk_norm(attn, _heads(q[ids], attn.heads), _heads(k_id, attn.heads))
         id_out = self.backend(qh, kh, _heads(v_id, attn.heads), bias)
         out = out.index_copy(0, ids, _merge(id_out))
-        return self._leave(attn, out, residual, shape)
+        return self._leave(attn, out, residual, shape, id_call)
 
 
 class IDCrossAttnProcessor(_Processor):
@@ -186,7 +210,9 @@ class IDCrossAttnProcessor(_Processor):
 
     ``to_k_ip``/``to_v_ip`` project identity tokens into this layer's keys and values (IP-Adapter layout).
     With ``id_call.text_branch`` False (training), the text branch is not computed at all: the output is the
-    image branch alone, so the prompt cannot influence it.
+    image branch alone, so the prompt cannot influence it. The identity LoRA (if any) acts on the ID rows' q, text
+    k/v and output (not on ``to_k_ip``/``to_v_ip``), as in the authors' FaceID processors. ``adain_cross`` moves the
+    image K/V means towards the same row's text K/V, inside the mixing window of a two-stream call only.
     """
 
     def __init__(self, name: str, hidden_size: int, cross_attention_dim: int, backend=None):
@@ -200,16 +226,17 @@ class IDCrossAttnProcessor(_Processor):
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if attn.norm_cross and encoder_hidden_states is not None:
             context = attn.norm_encoder_hidden_states(context)
-        q = attn.to_q(hidden_states)
+        q = self._project(attn, "to_q_lora", hidden_states, id_call)
         text_branch = id_call is None or id_call.text_branch
 
         if text_branch:
             mask = self._mask(attn, attention_mask, context.shape[1], batch)
-            k, v = attn.to_k(context), attn.to_v(context)
+            k = self._project(attn, "to_k_lora", context, id_call)
+            v = self._project(attn, "to_v_lora", context, id_call)
             qh, kh = self._qk_norm(attn, _heads(q, attn.heads), _heads(k, attn.heads))
             out = _merge(self.backend(qh, kh, _heads(v, attn.heads), mask))
             if id_call is None or id_call.id_scale == 0:
-                return self._leave(attn, out, residual, shape)
+                return self._leave(attn, out, residual, shape, id_call)
         else:
             rows = id_call.id_rows
             if rows.numel() != batch or not torch.equal(rows.sort().values.cpu(), torch.arange(batch)):
@@ -218,7 +245,7 @@ class IDCrossAttnProcessor(_Processor):
 
         ids = id_call.id_rows
         ip_k, ip_v = self._identity_kv(id_call, q.dtype)
-        if id_call.adain_cross and text_branch:
+        if id_call.adain_cross and text_branch and id_call.mixing and id_call.text_rows is not None:
             ip_k = adain_mean(ip_k, k[ids], id_call.style_strength)
             ip_v = adain_mean(ip_v, v[ids], id_call.style_strength)
         qh = _heads(q[ids], attn.heads)
@@ -226,8 +253,7 @@ class IDCrossAttnProcessor(_Processor):
         image = _merge(self.backend(qh, kh, _heads(ip_v, attn.heads)))
         scale = id_call.id_scale if text_branch else 1.0
         out = out.index_add(0, ids, image, alpha=scale)
-        return self._leave(attn, out, residual, shape)
-
+        return self._leave(attn, out, residual, shape, id_call)
 
     def _identity_kv(self, id_call: IDCall, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         cache = id_call.ip_cache

@@ -2,8 +2,10 @@
 
 One safetensors file. Keys: ``image_proj.*`` (the ID encoder's state dict) and ``ip_adapter.{i}.to_k_ip.weight`` /
 ``ip_adapter.{i}.to_v_ip.weight`` where ``i`` is the layer's position in ``unet.attn_processors`` (the numbering
-IP-Adapter files and diffusers' loader use). Metadata: format name and version, encoder kind and its constructor
-arguments, token counts, and the base model the identity branch was trained on.
+IP-Adapter files and diffusers' loader use). Optionally an identity-stream LoRA in IP-Adapter-FaceID's key layout:
+``ip_adapter.{i}.to_{q,k,v,out}_lora.{down,up}.weight`` on every attention layer ``i``, announced by the metadata
+``lora_rank`` (see ``id_lora``). Metadata: format name and version, encoder kind and its constructor arguments,
+token counts, the LoRA rank when there is one, and the base model the identity branch was trained on.
 
 Public identity adapters are converted on load by ``infinite_id.adapters.convert`` with the same strictness.
 """
@@ -19,18 +21,22 @@ from safetensors.torch import save_file
 
 from .attention import id_adapter_layers
 from .id_encoder import InfiniteIDEncoder
+from .id_lora import expected_lora_state, id_lora_state_dict, install_id_lora, lora_rank, remove_id_lora
 
 FORMAT = "infinite-id"
 FORMAT_VERSION = "1"
 DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
-def identity_state_dict(unet, encoder) -> dict[str, torch.Tensor]:
-    """The trainable identity branch of a pipeline as native checkpoint keys."""
+def identity_state_dict(unet, encoder, lora: bool = True) -> dict[str, torch.Tensor]:
+    """The identity branch of a pipeline as native checkpoint keys (with its identity LoRA when ``lora`` and one
+    is installed)."""
     state = {f"image_proj.{k}": v for k, v in encoder.state_dict().items()}
     for i, proc in id_adapter_layers(unet).items():
         state[f"ip_adapter.{i}.to_k_ip.weight"] = proc.to_k_ip.weight
         state[f"ip_adapter.{i}.to_v_ip.weight"] = proc.to_v_ip.weight
+    if lora:
+        state.update({f"ip_adapter.{k}": v for k, v in id_lora_state_dict(unet).items()})
     return state
 
 
@@ -48,6 +54,7 @@ def save_checkpoint(pipe, path: str | Path, base_model: str = DEFAULT_BASE_MODEL
         "num_tokens": str(encoder.num_tokens),
         "face_tokens": str(encoder.face_mapper.num_tokens),
         "clip_tokens": str(encoder.clip_tokens),
+        **({"lora_rank": str(lora_rank(pipe.unet))} if lora_rank(pipe.unet) else {}),
         "base_model": base_model,
         **{k: str(v) for k, v in (extra or {}).items()},
     }
@@ -113,12 +120,29 @@ def load_checkpoint(pipe, path: str | Path) -> dict[str, str]:
     """
     state, metadata = read_checkpoint(path)
     encoder = encoder_from_metadata(metadata)
-    expected = identity_state_dict(pipe.unet, encoder)
+    rank = _metadata_rank(metadata)
+    expected = identity_state_dict(pipe.unet, encoder, lora=False)
+    if rank:
+        expected.update({f"ip_adapter.{k}": v for k, v in expected_lora_state(pipe.unet, rank).items()})
     check_state_dict(expected, state, Path(path).name)
     encoder.load_state_dict({k[len("image_proj."):]: v for k, v in state.items() if k.startswith("image_proj.")})
     param = next(pipe.unet.parameters())
     for i, proc in id_adapter_layers(pipe.unet).items():
         proc.to_k_ip.weight.data.copy_(state[f"ip_adapter.{i}.to_k_ip.weight"])
         proc.to_v_ip.weight.data.copy_(state[f"ip_adapter.{i}.to_v_ip.weight"])
+    if rank:
+        prefix = "ip_adapter."
+        install_id_lora(pipe.unet, {k[len(prefix):]: v for k, v in state.items() if "_lora." in k}, Path(path).name)
+    else:
+        remove_id_lora(pipe.unet)
     pipe.register_modules(id_encoder=encoder.to(device=param.device, dtype=param.dtype))
     return metadata
+
+
+def _metadata_rank(metadata: dict[str, str]) -> int | None:
+    value = metadata.get("lora_rank")
+    if value in (None, ""):
+        return None
+    if not str(value).isdigit() or int(value) < 1:
+        raise ValueError(f"The checkpoint's lora_rank metadata must be a positive whole number, got {value!r}.")
+    return int(value)

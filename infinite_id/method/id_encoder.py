@@ -67,14 +67,16 @@ class InfiniteIDEncoder(nn.Module):
     """The native ID encoder: FaceMapper tokens followed by CLIPMapper tokens.
 
     Every identity encoder in this package (native or converted public adapter) has the same surface:
-    ``needs_face``, ``needs_clip``, ``clip_layer`` (which CLIP hidden state it reads), ``num_tokens``,
-    ``forward(features) -> [B, num_tokens, cross_attention_dim]`` and ``null_tokens(batch)``.
+    ``needs_face``, ``needs_clip``, ``clip_layer`` (which CLIP hidden state it reads), ``clip_channel_order``
+    (the order its CLIP crop is read in), ``num_tokens``, ``forward(features) -> [B, num_tokens,
+    cross_attention_dim]`` and ``null_tokens(batch)``.
     """
 
     kind = "infinite-id"
     needs_face = True
     needs_clip = True
     clip_layer = -1  # last hidden state (DESIGN 2.1)
+    clip_channel_order = "rgb"  # training/data.py reads the crop as RGB, so native checkpoints are trained on RGB
 
     def __init__(
         self,

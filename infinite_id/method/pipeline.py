@@ -24,7 +24,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .attention import IDCall, check_installed, install_id_processors
 from .id_encoder import IdentityFeatures
-from .identity_inputs import IdentityInputsMixin
+from .id_lora import LORA_SCALE_RANGE
+from .identity_inputs import CLIP_CHANNEL_ORDERS, IdentityInputsMixin
 
 METHODS = ("infinite-id", "adapter", "text")
 logger = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ class _DenoisePlan:
     mix_steps: tuple[float, float]  # step i mixes when start <= i < end
     cfg_cutoff: float
     keep_text: bool  # the caller wants the text stream's images
-    knobs: dict = field(hash=False)  # IDCall knobs: id_scale, semantic_scale, style_strength, mix_layers, adain_cross
+    # IDCall knobs: id_scale, semantic_scale, style_strength, mix_layers, adain_cross, lora_scale.
+    knobs: dict = field(hash=False)
 
     def layout(self, i: int) -> _Layout:
         active = self.streams
@@ -160,15 +162,21 @@ class InfiniteIDPipeline(IdentityInputsMixin, StableDiffusionXLPipeline):
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         return_dict: bool = True,
         mix_layers: tuple[str, ...] | None = None,
-        adain_cross: bool = False,
+        adain_cross: bool = True,
         timesteps: list[int] | None = None,
         return_text_images: bool = True,
         cfg_cutoff: float = 1.0,
+        lora_scale: float = 1.0,
+        clip_channel_order: str | None = None,
     ):
         """Generate images of the person in ``id_image`` following ``prompt``.
 
-        ``mix_layers``: name prefixes of the self-attention layers that mix (None: all); ``adain_cross``: AdaIN-mean
-        on the cross-attention image keys/values too (off in the paper's behaviour).
+        ``mix_layers``: name prefixes of the self-attention layers that mix (None: all). ``adain_cross``: AdaIN-mean
+        on the cross-attention image keys/values as well, towards the text keys/values (the paper's; only in
+        ``"infinite-id"``, inside the mixing window). ``lora_scale``: strength of the loaded adapter's LoRA on the
+        identity stream, 0 to 2 (1.0: as the adapter was trained; 0: off; ignored when the adapter has none).
+        ``clip_channel_order``: "rgb" or "bgr" for the CLIP crop when ``id_image`` is read here (None: the order the
+        adapter was published with; see ``encode_identity``).
         Work that does not change ``.images`` can be skipped: with ``return_text_images=False`` the text stream
         leaves the batch once the mixing window has ended (the ID stream no longer reads it) and ``.text_images``
         is None; ``cfg_cutoff < 1`` drops the unconditional rows for the last part of the schedule (CFG
@@ -179,7 +187,7 @@ class InfiniteIDPipeline(IdentityInputsMixin, StableDiffusionXLPipeline):
         width = width or self.default_sample_size * self.vae_scale_factor
         self.check_call_inputs(
             method, id_scale, semantic_scale, style_strength, mix_window, height, width, num_inference_steps,
-            num_images_per_prompt, cfg_cutoff, callback_on_step_end_tensor_inputs,
+            num_images_per_prompt, cfg_cutoff, callback_on_step_end_tensor_inputs, lora_scale, clip_channel_order,
         )
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(prompts) * num_images_per_prompt
@@ -192,7 +200,8 @@ class InfiniteIDPipeline(IdentityInputsMixin, StableDiffusionXLPipeline):
         # 3. Identity tokens: the person's on conditional rows, the null identity on unconditional ones.
         tokens = None
         if "id" in streams:
-            cond_tokens, null_tokens = self._id_tokens(id_image, id_embeds, batch, num_images_per_prompt)
+            cond_tokens, null_tokens = self._id_tokens(id_image, id_embeds, batch, num_images_per_prompt,
+                                                       clip_channel_order)
             tokens = {"uncond": null_tokens, "cond": cond_tokens}
 
         # 4. Timesteps: every stream gets its own fresh scheduler, so no call touches self.scheduler's state.
@@ -208,7 +217,8 @@ class InfiniteIDPipeline(IdentityInputsMixin, StableDiffusionXLPipeline):
             mix_steps=(mix_window[0] * len(ts), mix_window[1] * len(ts)), cfg_cutoff=cfg_cutoff,
             keep_text=return_text_images,
             knobs=dict(id_scale=id_scale, semantic_scale=semantic_scale, style_strength=style_strength,
-                       mix_layers=mix_layers, adain_cross=adain_cross),
+                       mix_layers=mix_layers, adain_cross=bool(adain_cross) and method == "infinite-id",
+                       lora_scale=float(lora_scale)),
         )
         x = self._denoise(plan, schedulers, ts, x, prompt_rows, tokens,
                           callback_on_step_end, callback_on_step_end_tensor_inputs)
@@ -224,7 +234,7 @@ class InfiniteIDPipeline(IdentityInputsMixin, StableDiffusionXLPipeline):
         return InfiniteIDPipelineOutput(images=images, text_images=text_images)
 
     def check_call_inputs(self, method, id_scale, semantic_scale, style_strength, mix_window, height, width, steps,
-                          images, cfg_cutoff, callback_inputs) -> None:
+                          images, cfg_cutoff, callback_inputs, lora_scale=1.0, clip_channel_order=None) -> None:
         """Every rule for a call's arguments, each failure a ValueError naming the argument (diffusers'
         ``check_inputs`` habit); and our attention processors must still be installed."""
         if method not in METHODS:
@@ -233,6 +243,13 @@ class InfiniteIDPipeline(IdentityInputsMixin, StableDiffusionXLPipeline):
                             ("style_strength", style_strength)):
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value}.")
+        low, high = LORA_SCALE_RANGE
+        if not np.isfinite(lora_scale) or not low <= lora_scale <= high:
+            raise ValueError(f"lora_scale must be between {low:g} and {high:g} (1 is the strength the adapter was "
+                             f"trained with, 0 turns its LoRA off), got {lora_scale}.")
+        if clip_channel_order is not None and str(clip_channel_order).strip().lower() not in CLIP_CHANNEL_ORDERS:
+            raise ValueError(f"clip_channel_order must be 'rgb' or 'bgr' (or None for the adapter's own), got "
+                             f"{clip_channel_order!r}.")
         start, end = mix_window
         if not 0.0 <= start <= end <= 1.0:
             raise ValueError(f"mix_window must be (start, end) with 0 <= start <= end <= 1, got {mix_window}.")

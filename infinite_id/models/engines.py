@@ -100,7 +100,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_engine_from_args(args: argparse.Namespace) -> Engine:
     if args.engine == "tiny":
-        return load_engine("tiny")
+        # --adapter with the tiny engine: a tiny file in that public format, through the real converter.
+        return load_engine("tiny", adapter=getattr(args, "adapter", None))
     from .options import settings_from_args
 
     models = settings_from_args(args)
@@ -109,10 +110,11 @@ def load_engine_from_args(args: argparse.Namespace) -> Engine:
     return load_engine("real", models=models)
 
 
-def load_engine(engine: str = "real", *, models=None, seed: int = 0) -> Engine:
+def load_engine(engine: str = "real", *, models=None, seed: int = 0, adapter: str | None = None) -> Engine:
     """Build the engine once. ``models``: ``config.ModelSettings`` for the real engine (None: defaults and
     environment). Raises ``MissingWeightsError`` (a ValueError with the whole story) before loading any model
-    when weights are missing and cannot be downloaded now."""
+    when weights are missing and cannot be downloaded now. ``adapter`` (tiny engine only): a tiny random file in
+    that public adapter's format (``faceid-plusv2`` carries a LoRA) instead of the native tiny encoder."""
     if engine == "tiny":
         from ..faces.tiny_pack import tiny_face_analyzer
         from ..testing import tiny_pipeline
@@ -121,6 +123,8 @@ def load_engine(engine: str = "real", *, models=None, seed: int = 0) -> Engine:
         pipe = tiny_pipeline(seed=seed, face_analyzer=analyzer)
         # A plain attribute, as the real loader's weights_info: recorded in every PNG's metadata.
         pipe.weights_info = {"engine": "tiny", "base_model": "tiny random weights (engine check)", "fast_mode": "off"}
+        if adapter and adapter != "infinite-id":
+            _tiny_adapter(pipe, adapter, seed)
         return Engine("tiny", pipe, analyzer)
     if engine != "real":
         raise ValueError(f"The engine must be one of {', '.join(ENGINES)}; got {engine!r}.")
@@ -135,6 +139,19 @@ def load_engine(engine: str = "real", *, models=None, seed: int = 0) -> Engine:
         logger.warning("Some weights are not downloaded yet; fetching them now (first start only).")
     pipe = load_pipeline(models=models)
     return Engine("real", pipe, pipe.face_analyzer, models)
+
+
+def _tiny_adapter(pipe, adapter: str, seed: int) -> None:
+    import shutil
+    import tempfile
+    import weakref
+
+    from .tiny_adapters import load_tiny_adapter
+
+    folder = tempfile.mkdtemp(prefix="infinite-id-tiny-adapter-")
+    weakref.finalize(pipe, shutil.rmtree, folder, ignore_errors=True)  # the file lives as long as the pipeline
+    info = load_tiny_adapter(pipe, adapter, folder, seed=seed)
+    pipe.weights_info.update({k: info[k] for k in ("kind", "title", "num_tokens", "lora")})
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

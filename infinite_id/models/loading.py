@@ -47,7 +47,6 @@ def load_pipeline(
     face_analyzer=True,
     *,
     s_scale: float | None = None,
-    adapter_lora: bool | None = None,
     models: ModelSettings | None = None,
     face_pack: str | None = None,
     face_root: str | None = None,
@@ -70,7 +69,7 @@ def load_pipeline(
     given = dict(base_model=base_model, vae=vae, image_encoder=image_encoder, adapter=adapter,
                  adapter_path=adapter_path, device=None if device is None else str(device),
                  dtype=None if dtype is None or isinstance(dtype, torch.dtype) else dtype, fast_mode=fast_mode,
-                 memory_mode=memory_mode, s_scale=s_scale, adapter_lora=adapter_lora, attention=attention,
+                 memory_mode=memory_mode, s_scale=s_scale, attention=attention,
                  vram_tier=vram_tier, compile={True: "default", False: "off"}.get(compile, compile))
     models = dataclasses.replace(models or SETTINGS.models, **{k: v for k, v in given.items() if v is not None})
     device_plan = plan(models.device, dtype if isinstance(dtype, torch.dtype) else models.dtype)
@@ -104,7 +103,7 @@ def load_pipeline(
         licences.check_checkpoint(adapter_file)  # before it touches the pipeline
     # A file of one's own is checked against the adapter named for it, or recognised when none is named.
     kind = models.adapter if models.adapter_path else resolved.adapter.name
-    info = load_adapter(pipe, adapter_file, kind, s_scale=models.s_scale, lora=models.adapter_lora, null_clip=False)
+    info = load_adapter(pipe, adapter_file, kind, s_scale=models.s_scale, null_clip=False)
     _check_face_pack(pipe)
     logger.info("Identity adapter: %s (%s, %s tokens, LoRA %s)", info["title"], info["file"], info["num_tokens"],
                 info["lora"])
@@ -129,6 +128,9 @@ def load_pipeline(
                          "vram_tier": tier.name, "memory": tiers.describe(tier), "compile": compile_mode,
                          "license_clean": models.license_clean}
     pipe.sampling_defaults = fast_modes.sampling_defaults(models.fast_mode)
+    # Where the adapter file is, for verify-weights' diffusers reference; kept out of weights_info, which goes into
+    # every PNG's metadata (a path of this machine has no business there).
+    pipe.adapter_file = Path(adapter_file)
     return pipe
 
 

@@ -31,7 +31,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--image-encoder", help="CLIP ViT-H/14 image encoder (default: h94/IP-Adapter/models/image_encoder)")
     g.add_argument("--adapter", choices=sorted(ADAPTERS), help=f"identity adapter (default: {DEFAULT_ADAPTER})")
     g.add_argument("--adapter-path", help="a file for the identity adapter (local or hub owner/repo/file)")
-    g.add_argument("--adapter-lora", action="store_true", default=None, help="apply the LoRA inside FaceID files")
     g.add_argument("--s-scale", type=float, help="FaceID-PlusV2 structure weight (default 1.0)")
     g.add_argument("--fast-mode", help="hyper-sd or lightning: step-distilled LoRA and its scheduler (default off)")
     g.add_argument("--fast-lora", dest="fast_lora_path", help="a local file for the fast-mode LoRA")

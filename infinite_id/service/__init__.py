@@ -45,6 +45,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "GUIDANCE_RANGE": ".request",
     "GenerationRequest": ".request",
     "ID_SCALE_RANGE": ".request",
+    "LORA_SCALE_RANGE": ".request",
     "MAX_PIXELS": ".request",
     "MAX_SEED": ".request",
     "METHOD_LABELS": ".request",

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..images import load_image
 from ..method.id_encoder import IdentityFeatures
+from ..method.identity_inputs import clip_channel_order_for
 
 
 def image_hash(image: Image.Image) -> str:
@@ -38,6 +39,7 @@ class Identity:
     key: str
     face_index: int = 0
     photos: int = 1
+    clip_channel_order: str | None = None  # the order the CLIP crop was read in (None: the encoder reads no CLIP)
 
 
 class IdentityCache:
@@ -59,42 +61,44 @@ class IdentityCache:
         return sum(len(entries) for entries in self._entries.values())
 
     def encode(self, pipe, photo, face_index: int = 0, extra_photos: Sequence = (), analyzer=None,
-               name: str | None = None) -> Identity:
+               name: str | None = None, clip_channel_order: str | None = None) -> Identity:
         """``photo``: anything ``load_image`` takes. ``face_index``: which face of ``photo`` (0 = largest).
         ``extra_photos``: more photos of the same person (their largest face each), averaged in.
         A photo's error (unreadable, no usable face) names it: ``name`` for ``photo`` when given ("Person A"),
-        "extra photo 2" for the second extra photo (see ``named``)."""
+        "extra photo 2" for the second extra photo (see ``named``).
+        ``clip_channel_order``: "rgb"/"bgr" for the CLIP crop, None for the adapter's published order."""
         from ..faces.analyzer import average_embeddings, select_face
 
         analyzer = analyzer if analyzer is not None else pipe.face_analyzer
         if analyzer is None:
             raise ValueError("This engine has no face analyzer, so it cannot read a photo of a person.")
-        extra_names = [f"extra photo {i}" for i in range(1, len(extra_photos) + 1)]
-        with named(name):
-            main = load_image(photo)
-        extras = []
-        for extra, extra_name in zip(extra_photos, extra_names):
-            with named(extra_name):
-                extras.append(load_image(extra))
-        parts = [image_hash(main), f"face{int(face_index)}", *(image_hash(e) for e in extras)]
+        encoder = getattr(pipe, "id_encoder", None)
+        order = clip_channel_order_for(encoder, clip_channel_order) if getattr(encoder, "needs_clip", False) else None
+        names = [name] + [f"extra photo {i}" for i in range(1, len(extra_photos) + 1)]
+        images = []
+        for source, photo_name in zip([photo, *extra_photos], names):
+            with named(photo_name):
+                images.append(load_image(source))
+        parts = [image_hash(images[0]), f"face{int(face_index)}", *(image_hash(e) for e in images[1:])]
         key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]  # names the photos, in the metadata too
+        slot = f"{key}|{order}"  # the same photos read in the other channel order are other features
         with self._lock:
             entries = self._entries.setdefault(pipe, OrderedDict())  # features depend on the engine as well
-            if key in entries:
-                entries.move_to_end(key)
+            if slot in entries:
+                entries.move_to_end(slot)
                 self.hits += 1
-                return entries[key]
+                return entries[slot]
             self.misses += 1
-        with named(name):
-            faces = [select_face(analyzer.analyze(main), int(face_index))]
-        for extra, extra_name in zip(extras, extra_names):
-            with named(extra_name):
-                faces.append(analyzer.analyze(extra)[0])
-        features = pipe.encode_identity(faces)
-        identity = Identity(features, average_embeddings(faces), key, int(face_index), len(faces))
+        faces = []
+        for i, (image, photo_name) in enumerate(zip(images, names)):
+            with named(photo_name):
+                found = analyzer.analyze(image)
+                faces.append(select_face(found, int(face_index)) if i == 0 else found[0])
+        features = pipe.encode_identity(faces, clip_channel_order=order) if order else pipe.encode_identity(faces)
+        identity = Identity(features, average_embeddings(faces), key, int(face_index), len(faces), order)
         with self._lock:
             entries = self._entries.setdefault(pipe, OrderedDict())
-            entries[key] = identity
+            entries[slot] = identity
             while len(entries) > self.capacity:
                 entries.popitem(last=False)
         return identity

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # only for annotations: the runner imports this module
 
 SOFTWARE = "infinite-id"
 METADATA_KEY = "infinite_id"  # PNG text chunk holding our JSON metadata
-METADATA_VERSION = 1
+METADATA_VERSION = 2  # 2: lora_scale, adain_cross and clip_channel_order are recorded (issue 14)
 
 def save_png(image: Image.Image, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
     """Write ``image`` as PNG with our metadata as text chunks, and nothing else of any source file's."""

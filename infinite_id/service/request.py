@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import SETTINGS
+from ..method.id_lora import LORA_SCALE_RANGE
+from ..method.identity_inputs import CLIP_CHANNEL_ORDERS
 from ..method.pipeline import METHODS
 from .styles import default_style_name, get_style
 
@@ -56,6 +58,24 @@ def clamped(value: Any, default: float, low: float, high: float) -> float:
     return min(high, max(low, number))
 
 
+def _flag(value: Any, default: bool) -> bool:
+    """A yes/no setting; the strings an API client may send ("false", "0", "off") read as no."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        return default if not text else text in ("1", "true", "yes", "on")
+    return default if value is None else bool(value)
+
+
+def channel_order(value: Any) -> str | None:
+    """``None`` (the adapter's own order), "rgb" or "bgr"; anything else is a ValueError with the choices."""
+    if value is None or str(value).strip() == "":
+        return None
+    order = str(value).strip().lower()
+    if order not in CLIP_CHANNEL_ORDERS:
+        raise ValueError(f"The CLIP channel order must be 'rgb' or 'bgr' (or empty for the adapter's own); got {value!r}.")
+    return order
+
+
 def _integer(value: Any, default: int, low: int, high: int) -> int:
     return int(round(clamped(value, default, low, high)))
 
@@ -95,6 +115,10 @@ class GenerationRequest:
 
     ``seed`` None means "pick one"; call ``with_seed()`` to fix it before running (``generate`` does).
     ``style_strength`` None means the style preset's recommendation. ``fast`` runs ``FAST_STEPS`` steps.
+    ``lora_scale``: the adapter's LoRA on the identity stream (0 to 2; 1 as trained; ignored without one).
+    ``adain_cross``: AdaIN-mean in the cross-attention too ("infinite-id" only). ``clip_channel_order``: "rgb" or
+    "bgr" for the CLIP crop, None for the adapter's published order (it takes effect when the photo is encoded:
+    ``IdentityCache.encode``).
     """
 
     prompt: str
@@ -112,6 +136,9 @@ class GenerationRequest:
     seed: int | None = None
     num_images: int = 1
     fast: bool = False
+    lora_scale: float = 1.0
+    adain_cross: bool = True
+    clip_channel_order: str | None = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen dataclass)
@@ -146,6 +173,9 @@ class GenerationRequest:
             set_("seed", None if seed < 0 else seed)
         set_("num_images", _integer(self.num_images, 1, *NUM_IMAGES_RANGE))
         set_("fast", bool(self.fast))
+        set_("lora_scale", clamped(self.lora_scale, 1.0, *LORA_SCALE_RANGE))
+        set_("adain_cross", _flag(self.adain_cross, True))
+        set_("clip_channel_order", channel_order(self.clip_channel_order))
 
     def replace(self, **changes) -> GenerationRequest:
         return dataclasses.replace(self, **changes)
@@ -175,6 +205,9 @@ class GenerationRequest:
         """The request that reproduces an image we saved (``read_metadata``), for one image with its own seed."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in metadata.get("request", {}).items() if k in known}
+        if int(metadata.get("version", 1) or 1) < 2:
+            # Made before issue 14: the FaceID LoRA and AdaIN-cross were off and the CLIP crop went in as RGB.
+            values = {"lora_scale": 0.0, "adain_cross": False, "clip_channel_order": "rgb", **values}
         values["seed"] = metadata.get("seed", values.get("seed"))
         values["num_images"] = 1
         if "mix_window" in values:

@@ -174,6 +174,9 @@ def _metadata(pipe, request: GenerationRequest, seed: int, method: str, identity
         "semantic_scale": request.semantic_scale if method == "infinite-id" else None,
         "style_strength": strength if method == "infinite-id" else None,
         "mix_window": list(request.mix_window) if method == "infinite-id" else None,
+        "lora_scale": request.lora_scale if method != "text" else None,
+        "adain_cross": request.adain_cross if method == "infinite-id" else None,
+        "clip_channel_order": (identity_meta or {}).get("clip_channel_order") if method != "text" else None,
         "style": request.style,
         "fast": request.fast,
         "models": model_ids(pipe),
@@ -246,6 +249,8 @@ def run(
             num_images_per_prompt=request.num_images,
             generator=generators,
             callback_on_step_end=step_end,
+            lora_scale=request.lora_scale,
+            adain_cross=request.adain_cross,
         )
     except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
         oom = True  # handled outside the except block, so the traceback (and the tensors it holds) is gone
@@ -285,7 +290,18 @@ def run(
 def _identity_meta(identity: Identity | None) -> dict | None:
     if identity is None:
         return None
-    return {"key": identity.key, "face_index": identity.face_index, "photos": identity.photos}
+    return {"key": identity.key, "face_index": identity.face_index, "photos": identity.photos,
+            "clip_channel_order": identity.clip_channel_order}
+
+
+def _check_channel_order(request: GenerationRequest, identity: Identity | None) -> None:
+    """The CLIP crop's order acts when the photo is encoded: an identity encoded in the other order than the
+    request asks for would silently ignore the setting."""
+    wanted, used = request.clip_channel_order, getattr(identity, "clip_channel_order", None)
+    if identity is not None and wanted and used and wanted != used:
+        raise ValueError(f"This person's photo was encoded with the CLIP crop in {used.upper()} order, but the "
+                         f"request asks for {wanted.upper()}: encode the photo again with "
+                         f"clip_channel_order={wanted!r} (IdentityCache.encode).")
 
 
 def generate(
@@ -298,6 +314,7 @@ def generate(
     deadline: float | None = None,
 ) -> GenerationResult:
     """Images of ``identity`` following ``request``; each measured against the person's photo."""
+    _check_channel_order(request, identity)
     return run(
         pipe, request, identity.features if identity is not None else None,
         identity_meta=_identity_meta(identity),

@@ -7,8 +7,9 @@ adding a style is adding a file, with no code change. A file looks like::
      "style_strength": 1.0, "order": 3}
 
 ``prompt`` must contain ``{prompt}`` exactly once: that is where the person's own words go. ``style_strength``
-is the recommended AdaIN-mean amount (DESIGN 2.5, 0 to 1): strong styles want the text stream's look carried over
-fully, a photographic style wants little of it. ``order`` only sorts the menu.
+is the recommended AdaIN-mean amount (DESIGN 2.5, 0 to 1). Every shipped preset uses the paper's full strength,
+1.0; a preset that deviates must say why in the file, from a measurement (``verify-weights``/``evaluate`` on real
+weights). ``order`` only sorts the menu.
 """
 
 from __future__ import annotations
