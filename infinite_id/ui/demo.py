@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 import gradio as gr
 from starlette.middleware import Middleware
@@ -52,12 +53,20 @@ CSS = """
 /* Long captions and example cells wrap instead of being cut off or pushing the page sideways. */
 .caption-label {white-space: normal !important; overflow-wrap: anywhere;}
 @media (max-width: 480px) {.caption-label {font-size: 0.75em;}}
-#generate-examples table, #mix-examples table {table-layout: fixed; width: 100%;}
+/* Columns sized by their longest word, and lines broken between words: "Photographic" stays whole on a phone. */
+#generate-examples table, #mix-examples table {table-layout: auto; width: 100%;}
 #generate-examples td, #generate-examples th, #mix-examples td, #mix-examples th {
-  white-space: normal; overflow-wrap: anywhere;}
-/* The licence table: long model ids and licences wrap inside their cells on a phone instead of scrolling. */
-#licences table {table-layout: fixed; width: 100%; display: table;}
-#licences td, #licences th {white-space: normal; overflow-wrap: anywhere; vertical-align: top;}
+  white-space: normal; overflow-wrap: break-word;}
+/* The licence table: a table on a wide screen; on a phone each model is a small block (part, model, licence,
+   source, one per line), where four columns would break every word. */
+#licences td, #licences th {white-space: normal; overflow-wrap: break-word; vertical-align: top;}
+@media (max-width: 640px) {
+  #licences table, #licences tbody, #licences tr, #licences td {display: block; width: auto; border: none;}
+  #licences thead {display: none;}
+  #licences tr {padding: 6px 0; border-bottom: 1px solid var(--border-color-primary);}
+  #licences td {padding: 1px 4px;}
+  #licences td:first-child {font-weight: 600;}
+}
 """
 
 INTRO = (f"# {TITLE}\nUpload one photo of a person, describe a scene, pick a style. The face and the words are "
@@ -89,7 +98,7 @@ def licence_table(rows: Sequence[tuple[str, str, str, str]]) -> str:
 
     lines = ["| part | model | licence | source |", "| --- | --- | --- | --- |"]
     for part, model, licence, source in rows:
-        link = f"[link]({source})" if str(source).startswith("http") else cell(source)
+        link = f"[{urlparse(source).netloc}]({source})" if str(source).startswith("http") else cell(source)
         lines.append(f"| {cell(part)} | {cell(model)} | {cell(licence)} | {link} |")
     return "\n".join(lines)
 
