@@ -397,3 +397,20 @@ def test_missing_weights_name_a_download_command_that_fetches_what_this_start_ne
         assert planned.returncode == 0, planned.stderr
     assert "[face models (auraface)] glintr100.onnx" in planned.stdout  # the clean mode's recognizer
     assert "buffalo_l" not in planned.stdout
+
+
+@pytest.mark.parametrize(("argv", "command"), [
+    ([], "python -m infinite_id download"),
+    (["--engine", "real", "--host=0.0.0.0", "--port", "7860", "--share", "--memory-mode", "model"],
+     "python -m infinite_id download --memory-mode model"),
+    (["--fast", "--adapter", "plus-face", "--adapter-path", "my adapters/face.bin"],
+     "python -m infinite_id download --adapter plus-face --adapter-path 'my adapters/face.bin' --fast-mode on"),
+])
+def test_the_download_command_keeps_the_weight_flags_and_download_accepts_them(argv, command, capsys):
+    assert app.download_command(argv) == command
+    app.parse_args(argv)  # the app takes them ...
+    from infinite_id.models.options import download_main
+
+    words = shlex.split(command)[4:]
+    if "--adapter-path" not in words:  # ... and so does download (a file of one's own must exist to be planned)
+        assert download_main([*words, "--dry-run"]) == 0
