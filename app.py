@@ -11,6 +11,7 @@ package (``infinite_id/ui/``: one module per tab); ``build_demo`` is re-exported
 import argparse
 import logging
 import os
+import shlex
 import sys
 
 try:  # Hugging Face ZeroGPU: `spaces` must be imported before torch sets up CUDA (the engine imports torch)
@@ -23,16 +24,29 @@ import gradio as gr  # noqa: F401  (tests patch gr.Blocks.launch through this mo
 from infinite_id import service as gen
 from infinite_id.config import SERVER
 from infinite_id.models.engines import TINY_BANNER, Engine, add_engine_arguments, load_engine_from_args
-from infinite_id.ui import BUSY_SESSION, DELETE_CACHE, QUEUE_OPTIONS, build_demo, enable_queue, launch_options
+from infinite_id.ui import (
+    BUSY_SESSION,
+    DELETE_CACHE,
+    QUEUE_OPTIONS,
+    build_demo,
+    enable_queue,
+    engine_options,
+    launch_options,
+)
 
-__all__ = ["BUSY_SESSION", "DELETE_CACHE", "QUEUE_OPTIONS", "SERVER", "build_demo", "enable_queue",
-           "launch_options", "main", "parse_args"]
+__all__ = ["BUSY_SESSION", "DELETE_CACHE", "QUEUE_OPTIONS", "SERVER", "build_demo", "download_command",
+           "enable_queue", "launch_options", "main", "parse_args"]
 
 logger = logging.getLogger("infinite_id.app")
 
+DOWNLOAD = "python -m infinite_id download"
+# The app's own flags and how many values each takes; every other flag chooses weights, and `download` takes those.
+APP_FLAGS = {"--host": 1, "--port": 1, "--share": 0, "--engine": 1, "--fast": 0}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="The Infinite-ID app.")
+    # No abbreviations: download_command reads the flags as they were typed.
+    parser = argparse.ArgumentParser(description="The Infinite-ID app.", allow_abbrev=False)
     # Spaces and Docker set GRADIO_SERVER_NAME=0.0.0.0; locally the app listens on this machine only.
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
@@ -41,15 +55,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def download_command(argv: list[str]) -> str:
+    """The download command that fetches what this start needs: the weight flags it was given (``download``
+    takes the same ones; the app's ``--fast`` is ``--fast-mode on`` there)."""
+    words, rest, fast = [], list(argv), False
+    while rest:
+        word = rest.pop(0)
+        flag = word.split("=", 1)[0]
+        if flag not in APP_FLAGS:
+            words.append(word)
+            continue
+        fast = fast or flag == "--fast"
+        if APP_FLAGS[flag] and "=" not in word and rest:
+            rest.pop(0)
+    if fast and not any(w.split("=", 1)[0] == "--fast-mode" for w in words):
+        words += ["--fast-mode", "on"]
+    return " ".join([DOWNLOAD, *map(shlex.quote, words)])
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request URL is noise, not information
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     try:
         guard = gen.OutputGuard.from_settings(SERVER)  # first: a configuration mistake costs no model loading
         engine: Engine = load_engine_from_args(args)
     except (ValueError, FileNotFoundError) as error:  # MissingWeightsError and friends: one message, no traceback
         print(f"\n{error}\n", file=sys.stderr)
+        command = download_command(argv)
+        if type(error).__name__ == "MissingWeightsError" and command != DOWNLOAD:
+            # The message's generic command fetches the default setup; this start asked for other weights.
+            print(f"For the weights this start asks for, run `{command}` (same flags).\n", file=sys.stderr)
         return 1
     except ImportError as error:
         print(f"\nThe real engine cannot be loaded here ({error}). Try `python app.py --engine tiny`.\n",
@@ -57,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if engine.name == "tiny":
         logger.warning("Serving the tiny engine (%s): every image is noise by design.", TINY_BANNER)
-    demo = build_demo(lambda: engine.pipe, lambda: engine.face_analyzer, engine=engine.name, banner=engine.banner,
-                      steps=engine.steps, guidance=engine.guidance, fast=engine.fast, guard=guard)
+    demo = build_demo(lambda: engine.pipe, lambda: engine.face_analyzer, guard=guard, **engine_options(engine))
     enable_queue(demo).launch(**launch_options(args.host, args.port, args.share, demo=demo))
     return 0
 

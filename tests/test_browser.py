@@ -1,10 +1,13 @@
 """The app in a real browser: Debian's chromium driven by playwright (never a downloaded browser), on the tiny
-engine with the production serving settings, at a phone's size (390x844) and a desktop's (1366x900).
+engine with a tiny IP-Adapter-FaceID-PlusV2 file (so the adapter's LoRA slider shows) and the production serving
+settings, at a phone's size (390x844) and a desktop's (1366x900).
 
-Every tab is driven as a person would (upload, pick a face, generate; a strength grid too big to keep whole;
-a mix with a face-less Person A), and after each step the page is measured: nothing wider than the viewport and
-no text cut off by its box (the check is ``MEASURE`` below). The error stays in the tab's status line after its
-pop-up has gone, naming the photo it is about. A second test has two people queue for the one GPU slot: the
+Every tab is driven as a person would (upload a photo of two people and pick a face, take an example, generate;
+a strength grid too big to keep whole; a mix with a face-less Person A, then the mix example), and after each
+step the page is measured: nothing wider than the viewport and no text cut off by its box (the check is
+``MEASURE`` below). The error stays in the tab's status line after its pop-up has gone, naming the photo it is
+about. The identity note sits under every tab's results and the "Models and licences" section opens and fits,
+also with the real engine's longer rows. A second test has two people queue for the one GPU slot: the
 second sees their place and a time estimate, the first one progress bar and a Stop that says where it stopped.
 
 Screenshots of each tab at both sizes go to a temporary folder, or to docs/screenshots/ (what the README and
@@ -34,10 +37,12 @@ sync_api = pytest.importorskip("playwright.sync_api")
 sync_api.expect.set_options(timeout=TIMEOUT_MS)
 
 from app_server import ASSETS, serve  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from infinite_id.faces.tiny_pack import synthetic_face_photo  # noqa: E402
-from infinite_id.models.engines import TINY_BANNER  # noqa: E402
-from infinite_id.ui import widgets  # noqa: E402
+from infinite_id.models.engines import TINY_BANNER, load_engine  # noqa: E402
+from infinite_id.models.licences import licence_rows  # noqa: E402
+from infinite_id.ui import load_examples, widgets  # noqa: E402
 
 # Every visible text or picture that leaves the viewport or is cut by a box that clips (overflow other than
 # visible), every component label that runs under its component's buttons, and every text field whose value is
@@ -98,8 +103,13 @@ SHOWN_PROGRESS_BARS = """() => [...document.querySelectorAll('[role=progressbar]
 
 
 @pytest.fixture(scope="module")
-def served():
-    with serve() as running:
+def engine():
+    return load_engine("tiny", adapter="faceid-plusv2")
+
+
+@pytest.fixture(scope="module")
+def served(engine):
+    with serve(engine) as running:
         yield running
 
 
@@ -123,6 +133,18 @@ def shots(tmp_path_factory) -> Path:
 def no_face(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("photos") / "landscape.png"
     synthetic_face_photo(256, faces=[], seed=2).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_people(tmp_path_factory) -> Path:
+    """The two example photos side by side: a real photo with two faces, the astronaut's the larger."""
+    both = Image.new("RGB", (1024, 512))
+    for x, name in ((0, "astronaut.jpg"), (512, "camera.jpg")):
+        with Image.open(ASSETS / name) as photo:
+            both.paste(photo.convert("RGB"), (x, 0))
+    path = tmp_path_factory.mktemp("photos") / "two-people.jpg"
+    both.save(path, quality=92)
     return path
 
 
@@ -158,32 +180,55 @@ def set_number(page, selector: str, value) -> None:
     field.press("Enter")
 
 
-def drive_generate(page, shots: Path, width: int) -> None:
+def drive_generate(page, shots: Path, width: int, two_people: Path) -> None:
     expect = sync_api.expect
     expect(page.locator("#engine-banner")).to_contain_text(TINY_BANNER)
     assert_fits(page, "Generate, on opening")
-    page.locator("#photo input[type=file]").set_input_files(str(ASSETS / "synthetic_group.png"))
-    expect(page.locator("#face-note")).to_contain_text("3 faces found")
+    page.locator("#photo input[type=file]").set_input_files(str(two_people))
+    expect(page.locator("#face-note")).to_contain_text("2 faces found")
     thumbnails = page.locator("#faces .thumbnail-item")
-    expect(thumbnails).to_have_count(3)
+    expect(thumbnails).to_have_count(2)
     thumbnails.nth(1).click()  # the second face, numbered as people count
     expect(page.locator("#face-number input")).to_have_value("2")
     expect(page.locator("#face-note")).to_contain_text("Using face 2.")
     page.locator("#style input").click()
     page.get_by_role("option", name="Watercolor", exact=True).click()
     expect(page.locator("#style input")).to_have_value("Watercolor")
+    assert_fits(page, "Generate, picking a face")
+
+    # An example: a real photo with its prompt and style replaces all three (and the picker goes: one face).
+    photo, prompt, style = load_examples("tiny")["generate"][1]
+    page.locator("#generate-examples").get_by_text(prompt).click()
+    expect(page.locator("#prompt textarea")).to_have_value(prompt)
+    expect(page.locator("#style input")).to_have_value(style)
+    expect(page.locator("#face-note")).to_contain_text("One face found")
+    expect(page.locator("#face-picker").first).to_be_hidden()
     page.get_by_text("More photos (optional)").click()
     page.locator("#advanced").get_by_text("Advanced").first.click()
     expect(page.locator("#seed input")).to_be_visible()
+    expect(page.locator("#lora-scale")).to_contain_text("Adapter's own fine-tuning")  # this adapter has a LoRA
     assert_fits(page, "Generate, with Advanced open")
 
     page.locator("#generate-btn").click()
     expect(page.locator("#results img").first).to_be_visible()
     expect(page.locator("#generate-status")).to_contain_text(re.compile(r"Done in \d+(\.\d)? s"))
-    expect(page.locator("#generation-info")).to_contain_text(re.compile(r"style Watercolor · seed \d+"))
+    info = page.locator("#generation-info")
+    expect(info).to_contain_text(re.compile(rf"style {style} · seed \d+"))
+    expect(info).to_contain_text("adapter LoRA 1")
     expect(page.locator("#results")).to_contain_text("identity")
-    assert_fits(page, "Generate, with results")
+    expect(page.locator("#generate-identity-note")).to_contain_text("random weights")  # what the scores are worth
+    open_licences(page)
+    assert_fits(page, "Generate, with results and the licences")
     screenshot(page, shots / f"generate-{width}.jpg")
+
+
+def open_licences(page, rows=None) -> None:
+    """Open "Models and licences" under the tabs; each model of ``rows`` (default: the tiny engine's) is listed."""
+    page.locator("#licences").get_by_text("Models and licences").click()
+    table = page.locator("#licences table")
+    sync_api.expect(table).to_be_visible()
+    for _, model, _, _ in rows or licence_rows(engine="tiny"):
+        sync_api.expect(table).to_contain_text(model)
 
 
 def drive_compare(page, shots: Path, width: int) -> None:
@@ -192,7 +237,7 @@ def drive_compare(page, shots: Path, width: int) -> None:
     expect(page.locator("#c-style")).to_be_visible()
     expect(page.locator("#c-ids")).to_be_hidden()  # Methods mode: no strength boxes, no style checkboxes
     expect(page.locator("#c-styles")).to_be_hidden()
-    page.locator("#c-photo input[type=file]").set_input_files(str(ASSETS / "synthetic_face.png"))
+    page.locator("#c-photo input[type=file]").set_input_files(str(ASSETS / "astronaut.jpg"))
     page.get_by_label("A grid of likeness × prompt strengths").check()
     expect(page.locator("#c-ids")).to_be_visible()
     expect(page.locator("#c-styles")).to_be_hidden()
@@ -205,6 +250,7 @@ def drive_compare(page, shots: Path, width: int) -> None:
     expect(status).to_contain_text("Done in")
     expect(status).to_contain_text("7 identity strengths were given; the grid keeps the first 4")
     expect(page.locator("#c-gallery .thumbnail-item")).to_have_count(16)
+    expect(page.locator("#compare-identity-note")).to_contain_text("random weights")
     assert_fits(page, "Compare, with the grid")
     page.get_by_label("Several styles").check()
     expect(page.locator("#c-styles")).to_be_visible()
@@ -216,7 +262,7 @@ def drive_mix(page, shots: Path, width: int, no_face: Path) -> None:
     expect = sync_api.expect
     page.get_by_role("tab", name="Mix two people").click()
     page.locator("#person-a input[type=file]").set_input_files(str(no_face))
-    page.locator("#person-b input[type=file]").set_input_files(str(ASSETS / "synthetic_face_2.png"))
+    page.locator("#person-b input[type=file]").set_input_files(str(ASSETS / "camera.jpg"))
     page.locator("#mix-btn").click()
     status = page.locator("#mix-status")
     expect(status).to_contain_text("Person A: No face was found in this photo")
@@ -226,23 +272,37 @@ def drive_mix(page, shots: Path, width: int, no_face: Path) -> None:
     expect(status).to_contain_text("Person A: No face was found in this photo")  # ... the status line has not
     assert_fits(page, "Mix, with an error")
 
-    page.locator("#person-a input[type=file]").set_input_files(str(ASSETS / "synthetic_face.png"))
+    _, _, prompt = load_examples("tiny")["mix"][0]  # the example: two real photos
+    page.locator("#mix-examples").get_by_text(prompt).click()
+    expect(page.locator("#person-a img")).to_have_count(1)
     page.locator("#mix-btn").click()
     expect(status).to_contain_text("Done in")  # the next action replaced the error
     expect(page.locator("#m-gallery img").first).to_be_visible()
+    expect(page.locator("#mix-identity-note")).to_contain_text("random weights")
     assert_fits(page, "Mix, with the blend")
     screenshot(page, shots / f"mix-{width}.jpg")
 
 
 @pytest.mark.parametrize("size", list(SIZES))
-def test_every_tab_fits_and_works(served, browser, shots, no_face, size):
+def test_every_tab_fits_and_works(served, browser, shots, no_face, two_people, size):
     page = open_page(browser, served[1], SIZES[size])
     width = SIZES[size][0]
-    drive_generate(page, shots, width)
+    drive_generate(page, shots, width, two_people)
     drive_compare(page, shots, width)
     drive_mix(page, shots, width, no_face)
     assert not page.page_errors, page.page_errors
     page.context.close()
+
+
+def test_the_real_engines_licence_table_fits_a_phone(engine, browser):
+    """The real engine's rows (long model ids and licences, the default setup's) open and fit at 390 px."""
+    rows = licence_rows(engine="real")
+    with serve(engine, licences=rows) as (_, url):
+        page = open_page(browser, url, SIZES["phone"])
+        open_licences(page, rows)
+        sync_api.expect(page.locator("#licences")).to_contain_text("non-commercial research only")
+        assert_fits(page, "the real engine's licences, on a phone")
+        page.context.close()
 
 
 def test_a_queued_person_sees_their_place_and_wait_the_runner_one_bar_and_where_stop_stopped(

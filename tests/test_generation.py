@@ -177,7 +177,7 @@ def test_cli_generate_and_compare_write_pngs(tmp_path, capsys):
                         "--steps", "1", "--seed", "3", "--text-stream", "--out", str(tmp_path)])
     assert rc == 0
     written = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert written == ["infinite-id-infinite-id-3-0.png", "text-stream-text-3-0.png"]
+    assert written == ["infinite-id-3-0.png", "text-stream-3-0.png"]  # each name says the method once
     meta = gen.read_metadata(tmp_path / written[0])
     assert meta["style"] == "Ukiyo-e" and meta["seed"] == 3
 

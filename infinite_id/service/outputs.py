@@ -51,13 +51,20 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
+def file_stem(stem: str, method: str) -> str:
+    """``{stem}-{method}``, or ``stem`` alone when it already names the method ("infinite-id" with the method
+    "infinite-id", "text-stream" with "text"): a file name says each thing once."""
+    return stem if f"-{method}-" in f"-{stem}-" else f"{stem}-{method}"
+
+
 def save_images(images: Sequence[GeneratedImage], folder: str | Path, stem: str = "infinite-id") -> list[Path]:
-    """Save each image as ``{stem}-{seed}[-{n}].png`` in ``folder``; sets and returns their paths."""
+    """Save each image as ``{stem}-{method}-{seed}-{n}.png`` in ``folder`` (the method once: ``file_stem``); sets
+    and returns their paths."""
     folder = Path(folder)
     paths = []
     for n, item in enumerate(images):
         method = item.metadata.get("method", "image")
-        path = folder / f"{stem}-{method}-{item.seed}-{n}.png"
+        path = folder / f"{file_stem(stem, method)}-{item.seed}-{n}.png"
         item.path = save_png(item.image, path, item.metadata)
         paths.append(item.path)
     return paths

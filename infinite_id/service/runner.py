@@ -94,6 +94,12 @@ class GenerationResult:
     def seed(self) -> int:
         return int(self.request.seed)
 
+    @property
+    def has_lora(self) -> bool:
+        """Whether the adapter that made these images carries a LoRA (``lora_scale`` had an effect)."""
+        models = (self.images[0].metadata.get("models") or {}) if self.images else {}
+        return str(models.get("lora", "none")) != "none"
+
     def info(self) -> str:
         """Markdown for the app: what ran, with which settings, how long it took."""
         r = self.request
@@ -105,7 +111,7 @@ class GenerationResult:
             f"{r.width}×{r.height} px · {r.steps} steps{' (fast mode)' if r.fast else ''} · guidance {r.guidance_scale:g}",
         ]
         if r.method != "text":
-            lines.append(f"identity {r.id_scale:g}" + (
+            lines.append(f"identity {r.id_scale:g}" + (f" · adapter LoRA {r.lora_scale:g}" if self.has_lora else "") + (
                 f" · semantic {r.semantic_scale:g} · style strength {strength:g} · mixing "
                 f"{r.mix_window[0]:g}–{r.mix_window[1]:g}" if r.method == "infinite-id" else ""))
         if any(i.similarities for i in self.images):
@@ -262,8 +268,9 @@ def run(
     if oom:
         _free_memory()
         raise OutOfMemory(
-            "The GPU ran out of memory for this request. Try fewer images or a smaller size, or start the app "
-            "with --memory-mode model-offload."
+            # The sentence reaches web users too, so no command-line flag: docs/weights.md has the memory modes.
+            "The GPU ran out of memory for this request. Try fewer images or a smaller size; if it keeps "
+            "happening, the server needs a lower memory mode (docs/weights.md)."
         )
     seconds = time.perf_counter() - started
 

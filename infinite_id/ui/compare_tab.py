@@ -15,7 +15,7 @@ from ..config import SETTINGS
 from .generate_tab import DEFAULT_PROMPT, PRIVATE
 from .queue import GPU
 from .services import Services
-from .widgets import PROGRESS, TabEvents, TabSettings, by_position, on_gpu, photo_input
+from .widgets import PROGRESS, TabEvents, TabSettings, by_position, identity_note, on_gpu, photo_input
 
 TAB = "compare"
 MODES = [("The three methods side by side", "methods"), ("A grid of likeness × prompt strengths", "strengths"),
@@ -112,7 +112,7 @@ def _inputs(settings: TabSettings) -> SimpleNamespace:
     return ui
 
 
-def _outputs() -> SimpleNamespace:
+def _outputs(settings: TabSettings) -> SimpleNamespace:
     ui = SimpleNamespace()
     # No label over the grid: the grid image carries its own title, which a label would cover.
     ui.grid = gr.Image(label="Comparison grid", show_label=False, type="filepath", format="png", interactive=False,
@@ -120,6 +120,7 @@ def _outputs() -> SimpleNamespace:
     ui.gallery = gr.Gallery(label="Each image", columns=2, height="auto",
                             format="png", elem_id="c-gallery")
     ui.info = gr.Markdown(elem_classes="small-note", elem_id="c-info")
+    identity_note(settings, "compare-identity-note")
     ui.files = gr.File(label="The grid and each image (PNG with settings)", file_count="multiple",
                        interactive=False)
     return ui
@@ -133,7 +134,7 @@ def build(services: Services, settings: TabSettings) -> TabEvents:
             with gr.Column(scale=1, min_width=300):
                 ui = _inputs(settings)
             with gr.Column(scale=1, min_width=300):
-                out = _outputs()
+                out = _outputs(settings)
         timer = gr.Timer(1.0, active=False)
 
     def view(request: gr.Request):

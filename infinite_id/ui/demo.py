@@ -8,15 +8,16 @@ the serving settings of DESIGN 7, shared by ``app.main`` and the tests. Every nu
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 import gradio as gr
 from starlette.middleware import Middleware
 
 from .. import service as gen
 from ..config import SERVER, SETTINGS
-from ..models.engines import TINY_STEPS
+from ..models.engines import TINY_STEPS, Engine
 from . import compare_tab, generate_tab, mix_tab
 from .queue import SessionCap
 from .services import OutputFolder, Services
@@ -52,9 +53,20 @@ CSS = """
 /* Long captions and example cells wrap instead of being cut off or pushing the page sideways. */
 .caption-label {white-space: normal !important; overflow-wrap: anywhere;}
 @media (max-width: 480px) {.caption-label {font-size: 0.75em;}}
-#generate-examples table, #mix-examples table {table-layout: fixed; width: 100%;}
+/* Columns sized by their longest word, and lines broken between words: "Photographic" stays whole on a phone. */
+#generate-examples table, #mix-examples table {table-layout: auto; width: 100%;}
 #generate-examples td, #generate-examples th, #mix-examples td, #mix-examples th {
-  white-space: normal; overflow-wrap: anywhere;}
+  white-space: normal; overflow-wrap: break-word;}
+/* The licence table: a table on a wide screen; on a phone each model is a small block (part, model, licence,
+   source, one per line), where four columns would break every word. */
+#licences td, #licences th {white-space: normal; overflow-wrap: break-word; vertical-align: top;}
+@media (max-width: 640px) {
+  #licences table, #licences tbody, #licences tr, #licences td {display: block; width: auto; border: none;}
+  #licences thead {display: none;}
+  #licences tr {padding: 6px 0; border-bottom: 1px solid var(--border-color-primary);}
+  #licences td {padding: 1px 4px;}
+  #licences td:first-child {font-weight: 600;}
+}
 """
 
 INTRO = (f"# {TITLE}\nUpload one photo of a person, describe a scene, pick a style. The face and the words are "
@@ -79,8 +91,29 @@ FOOTER = (
 )
 
 
+def licence_table(rows: Sequence[tuple[str, str, str, str]]) -> str:
+    """Markdown: one row per model this server runs (``Engine.licences``), its source as a link."""
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| part | model | licence | source |", "| --- | --- | --- | --- |"]
+    for part, model, licence, source in rows:
+        link = f"[{urlparse(source).netloc}]({source})" if str(source).startswith("http") else cell(source)
+        lines.append(f"| {cell(part)} | {cell(model)} | {cell(licence)} | {link} |")
+    return "\n".join(lines)
+
+
+def engine_options(engine: Engine) -> dict:
+    """``build_demo``'s keyword arguments that describe the loaded engine (shared by ``app.main`` and the tests):
+    its name, banner, sampling defaults, licences, identity note and whether its adapter carries a LoRA."""
+    weights = getattr(engine.pipe, "weights_info", None) or {}
+    return {"engine": engine.name, "banner": engine.banner, "steps": engine.steps, "guidance": engine.guidance,
+            "fast": engine.fast, "licences": engine.licences, "identity_note": engine.identity_note,
+            "lora": str(weights.get("lora", "none")) != "none"}
+
+
 def load_examples(engine: str) -> dict[str, list[list[str]]]:
-    """The examples manifest (assets/examples.json), keeping those whose photos this engine can read."""
+    """The examples manifest (assets/examples.json), keeping those listed for this engine ("real" or "tiny")."""
     path = ASSETS_DIR / "examples.json"
     if not path.exists():
         return {"generate": [], "mix": []}
@@ -96,14 +129,19 @@ def load_examples(engine: str) -> dict[str, list[list[str]]]:
 def build_demo(get_pipeline: Callable, get_face_analyzer: Callable, *, engine: str = "real",
                banner: str | None = None, steps: int | None = None, guidance: float = 5.0,
                fast: bool = False, concurrency: int | None = None, delete_cache: tuple[int, int] | None = None,
-               timeout_s: float | None = None, guard: gen.OutputGuard | None = None) -> gr.Blocks:
+               timeout_s: float | None = None, guard: gen.OutputGuard | None = None,
+               licences: Sequence[tuple[str, str, str, str]] = (), identity_note: str | None = None,
+               lora: bool = False) -> gr.Blocks:
     """The app's Blocks. ``get_pipeline``/``get_face_analyzer`` return the already-loaded engine (the getters are
     only called by handlers). ``engine`` ("real" or "tiny") picks the examples; ``banner`` is shown above
     everything when given; ``steps``/``guidance``/``fast`` are the sliders' starting values (the loaded sampling
     mode's: a fast-mode LoRA is fused at start-up, so its few steps are the right default).
     ``concurrency`` (GPU jobs at once), ``delete_cache`` ((every_s, age_s)) and ``timeout_s`` (per request)
     default to ``config.SERVER``, as does ``guard`` (watermark and safety check); the tests override them.
-    The shared services are ``demo.handlers``."""
+    ``licences`` (``Engine.licences`` rows) fill the "Models and licences" section; ``identity_note`` goes under
+    every result (the tiny engine's identity scores mean nothing); ``lora`` shows the adapter-LoRA slider.
+    ``engine_options(engine)`` gives all of these for a loaded ``Engine``. The shared services are
+    ``demo.handlers``."""
     delete_cache = delete_cache or DELETE_CACHE
     # The app's own copies of the outputs follow the same age as Gradio's cache of them.
     gpu_limit = max(1, int(concurrency or SERVER.gpu_concurrency))
@@ -112,7 +150,7 @@ def build_demo(get_pipeline: Callable, get_face_analyzer: Callable, *, engine: s
     settings = TabSettings(
         styles=gen.load_styles(), default_style=gen.default_style_name(),
         steps=steps or (TINY_STEPS if engine == "tiny" else 30), guidance=guidance, fast=fast,
-        gpu_limit=gpu_limit, examples=load_examples(engine),
+        gpu_limit=gpu_limit, examples=load_examples(engine), lora=lora, identity_note=identity_note,
     )
     with gr.Blocks(title="Infinite-ID", delete_cache=delete_cache, analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
@@ -122,6 +160,9 @@ def build_demo(get_pipeline: Callable, get_face_analyzer: Callable, *, engine: s
             tabs = [tab.build(services, settings) for tab in (generate_tab, compare_tab, mix_tab)]
         gr.Markdown(HOW_TO, elem_id="how-to")
         gr.Markdown(FOOTER, elem_classes="small-note")
+        if licences:
+            with gr.Accordion("Models and licences", open=False, elem_id="licences"):
+                gr.Markdown(licence_table(licences), elem_classes="small-note")
 
         # Stop: cancel this session's job in Gradio and set its flag, so the pipeline call itself ends at the next
         # step. Callable by API clients as /cancel (same session), undocumented.

@@ -16,7 +16,7 @@ from ..config import SETTINGS
 from ..images import load_image
 from .queue import GPU
 from .services import Services
-from .widgets import PROGRESS, TabEvents, TabSettings, by_position, on_gpu, photo_input, user_errors
+from .widgets import PROGRESS, TabEvents, TabSettings, by_position, identity_note, on_gpu, photo_input, user_errors
 
 TAB = "generate"
 FACE_THUMBNAIL = 128
@@ -65,10 +65,11 @@ class GenerateHandlers:
     def generate(
         self, photo, prompt, style, aspect_ratio, negative_prompt, id_scale, semantic_scale, style_strength,
         mix_start, mix_end, steps, guidance, seed, randomize_seed, num_images, method, fast, show_text_stream,
-        face_index, extra_photos, request: gr.Request, progress=PROGRESS,
+        face_index, extra_photos, lora_scale=1.0, request: gr.Request = None, progress=PROGRESS,
     ):
         """New images of the person in ``photo`` following ``prompt``: (gallery, text-stream gallery (empty
-        unless asked for), info, PNG files, seed used)."""
+        unless asked for), info, PNG files, seed used). ``lora_scale`` (last, so older API calls still fit): the
+        adapter's own LoRA on the identity stream, 0 to 2, 1 as trained; no effect when the adapter has none."""
         s = self.services
         work = units(steps, num_images, method, fast)
         with s.job(request, TAB, work, progress, "Generating", "Reading the photo...") as report:
@@ -79,7 +80,7 @@ class GenerateHandlers:
                 pipe, aspect_ratio, seed, randomize_seed, prompt=prompt, negative_prompt=negative_prompt,
                 style=style, method=method, id_scale=id_scale, semantic_scale=semantic_scale,
                 style_strength=style_strength, mix_window=(mix_start, mix_end), num_inference_steps=steps,
-                guidance_scale=guidance, num_images=num_images, fast=fast,
+                guidance_scale=guidance, num_images=num_images, fast=fast, lora_scale=lora_scale,
             )
             with s.running(request) as cancel:
                 result = gen.generate(pipe, job, identity, on_step=report.step, cancel=cancel, deadline=s.deadline())
@@ -152,6 +153,11 @@ def _advanced(ui: SimpleNamespace, settings: TabSettings) -> None:
                               "puts the face into the prompt's stream; prompt only is plain SDXL")
     ui.id_scale = gr.Slider(*gen.ID_SCALE_RANGE, value=1.0, step=0.05, label="How much it looks like the person",
                             info="identity strength (id_scale); 0 leaves the face out")
+    # The adapter's LoRA only exists on some adapters (FaceID-PlusV2): the slider shows only when it does. Its value
+    # still reaches /generate when hidden (1.0, as trained), so the API takes lora_scale either way.
+    ui.lora_scale = gr.Slider(*gen.LORA_SCALE_RANGE, value=1.0, step=0.05, label="Adapter's own fine-tuning",
+                              info="the identity adapter's LoRA (lora_scale), on the identity stream only: 1 = as "
+                                   "the adapter was trained, 0 = off", visible=settings.lora, elem_id="lora-scale")
     ui.semantic_scale = gr.Slider(*gen.SEMANTIC_SCALE_RANGE, value=1.0, step=0.05,
                                   label="How much the picture follows the prompt",
                                   info="semantic strength: mixed attention lets the text stream steer the "
@@ -181,13 +187,14 @@ def _advanced(ui: SimpleNamespace, settings: TabSettings) -> None:
                                info="the text stream: same seed, no identity", elem_id="show-text")
 
 
-def _outputs() -> SimpleNamespace:
+def _outputs(settings: TabSettings) -> SimpleNamespace:
     ui = SimpleNamespace()
     ui.gallery = gr.Gallery(label="Results", columns=2,
                             height="auto", format="png", elem_id="results", buttons=["download", "fullscreen"])
     ui.text_gallery = gr.Gallery(label="Without the person", columns=2, height="auto",
                                  format="png", visible=False, elem_id="text-results")
     ui.info = gr.Markdown(elem_id="generation-info", elem_classes="small-note")
+    identity_note(settings, "generate-identity-note")
     ui.files = gr.File(label="PNG files (each keeps its settings, to make it again)", file_count="multiple",
                        interactive=False, elem_id="files")
     return ui
@@ -201,7 +208,7 @@ def build(services: Services, settings: TabSettings) -> TabEvents:
             with gr.Column(scale=1, min_width=300):
                 ui = _inputs(settings)
             with gr.Column(scale=1, min_width=300):
-                out = _outputs()
+                out = _outputs(settings)
         if settings.examples.get("generate"):
             gr.Examples(settings.examples["generate"], inputs=[ui.photo, ui.prompt, ui.style], label="Examples",
                         elem_id="generate-examples")
@@ -230,7 +237,7 @@ def build(services: Services, settings: TabSettings) -> TabEvents:
     timer.tick(view, None, [ui.status, timer], queue=False, **PRIVATE)
     inputs = [ui.photo, ui.prompt, ui.style, ui.aspect, ui.negative, ui.id_scale, ui.semantic_scale,
               ui.style_strength, ui.mix_start, ui.mix_end, ui.steps, ui.guidance, ui.seed, ui.randomize,
-              ui.num_images, ui.method, ui.fast, ui.show_text, ui.face_index, ui.extra_photos]
+              ui.num_images, ui.method, ui.fast, ui.show_text, ui.face_index, ui.extra_photos, ui.lora_scale]
     run = ui.run.click(begin, None, [ui.status, timer], queue=False, **PRIVATE).then(
         on_gpu(handlers.generate), inputs, [out.gallery, out.text_gallery, out.info, out.files, ui.seed],
         api_name="generate", concurrency_id=GPU, concurrency_limit=settings.gpu_limit, show_progress="hidden",

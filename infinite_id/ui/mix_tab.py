@@ -11,7 +11,7 @@ from ..config import SETTINGS
 from .generate_tab import PRIVATE
 from .queue import GPU
 from .services import Services
-from .widgets import PROGRESS, TabEvents, TabSettings, by_position, on_gpu, photo_input
+from .widgets import PROGRESS, TabEvents, TabSettings, by_position, identity_note, on_gpu, photo_input
 
 TAB = "mix"
 
@@ -87,6 +87,7 @@ def build(services: Services, settings: TabSettings) -> TabEvents:
                 gallery = gr.Gallery(label="The blend",
                                      columns=1, height="auto", format="png", elem_id="m-gallery")
                 info = gr.Markdown(elem_classes="small-note")
+                identity_note(settings, "mix-identity-note")
                 files = gr.File(label="PNG with settings", file_count="multiple", interactive=False)
         if settings.examples.get("mix"):
             gr.Examples(settings.examples["mix"], inputs=[ui.a, ui.b, ui.prompt], label="Examples",

@@ -99,7 +99,8 @@ def progress_reporter(progress: gr.Progress, desc: str):
 @dataclass(frozen=True)
 class TabSettings:
     """What every tab builder needs to know about the app: the style presets, the sliders' starting values (the
-    loaded sampling mode's), the examples and how many GPU jobs may run at once."""
+    loaded sampling mode's), the examples, how many GPU jobs may run at once, whether the loaded adapter carries a
+    LoRA (its slider shows only then) and the engine's note on identity scores (shown under every result)."""
 
     styles: dict
     default_style: str
@@ -108,6 +109,8 @@ class TabSettings:
     fast: bool
     gpu_limit: int
     examples: dict[str, list[list[str]]] = field(default_factory=dict)
+    lora: bool = False
+    identity_note: str | None = None
 
     @property
     def style_choices(self) -> list[str]:
@@ -115,6 +118,14 @@ class TabSettings:
 
     def recommended_strength(self, name: str) -> float:
         return self.styles[name].style_strength if name in self.styles else 1.0
+
+
+def identity_note(settings: TabSettings, elem_id: str) -> None:
+    """Under a tab's results, where the captions give identity scores: the engine's word on what they are worth
+    (the tiny engine's recognizer has random weights, so its scores mean nothing). Nothing when there is none."""
+    if settings.identity_note:
+        gr.Markdown(f"**About the identity scores:** {settings.identity_note}", elem_id=elem_id,
+                    elem_classes=["small-note", "identity-note"])
 
 
 @dataclass(frozen=True)
