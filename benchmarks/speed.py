@@ -913,8 +913,9 @@ def markdown(result: dict) -> str:
         lines.append(f"- TFLOP per UNet step at {s['resolution']}² (counted on the meta device; x plain CFG step): "
                      + "; ".join(f"{name} {v['tflop']:.2f} ({v['x_plain']:.3f})" for name, v in flops.items()))
         for label, table in per_image.items():
-            lines.append(f"- TFLOP {label.removeprefix('per image, ')} per image, prompt encoding and decodes "
-                         "included (x plain): "
+            what = label.removesuffix(", no decode") + (" (prompt encoding included, no decode" if "no decode" in label
+                                                        else " (prompt encoding and decodes included")
+            lines.append(f"- TFLOP {what}; x plain): "
                          + "; ".join(f"{name} {v['tflop']:.1f} ({v['x_plain']:.3f})" for name, v in table.items()))
     if "compile_first_call_s" in info:
         lines.append(f"- torch.compile ({s['compile']}, backend {s.get('compile_backend', 'inductor')}"
