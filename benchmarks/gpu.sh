@@ -106,7 +106,7 @@ if [ "$TESTS" = 1 ]; then
 fi
 
 speed main 100 170 "${STEPS[@]}" --repeats 2 --warmup-steps 2 --id-encoder \
-  --modes plain,infinite-id,infinite-id-window,adapter,text,infinite-id+proto
+  --modes plain,infinite-id,infinite-id-window,adapter,text,infinite-id+no-text-cache
 # Compiled ours against stock, uncompiled plain SDXL; the warm-up (2 steps of the window mode) compiles both
 # layouts (4 rows mixing, 2 identity rows after the window), reported apart from the timed round.
 speed compile 150 240 "${STEPS[@]}" --repeats 1 --warmup-steps 2 --compile default --compile-skip-plain \

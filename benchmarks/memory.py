@@ -182,9 +182,9 @@ def measure(resolution: int = 1024, dtype: torch.dtype = torch.float16) -> dict:
             added = {"text_embeds": torch.randn(batch, 1280, dtype=dtype), "time_ids": torch.randn(batch, 6, dtype=dtype)}
             context = torch.randn(batch, 77, 2048, dtype=dtype)
             call = None
-            if mixing:  # the faithful layout [text_u, id_u, text_c, id_c], with the per-call identity K/V cache
-                call = IDCall(id_rows=torch.tensor([1, 3]), text_rows=torch.tensor([0, 2]), other_rows=torch.tensor([0, 2]),
-                              id_tokens=torch.randn(2, 261, 2048, dtype=dtype), ip_cache={})
+            if mixing:  # the faithful layout [text_u, text_c, id_u, id_c], with the per-call K/V cache
+                call = IDCall(id_rows=slice(2, 4), text_rows=slice(0, 2), other_rows=slice(0, 2),
+                              id_tokens=torch.randn(2, 261, 2048, dtype=dtype), kv_cache={})
         kwargs = {"encoder_hidden_states": context, "added_cond_kwargs": added}
         if call is not None:
             kwargs["cross_attention_kwargs"] = {"id_call": call}
@@ -200,7 +200,7 @@ def measure(resolution: int = 1024, dtype: torch.dtype = torch.float16) -> dict:
     activations = {
         "unet_plain": step(2, mixing=False),
         "unet_faithful": step(4, mixing=True),
-        "identity_kv_cache": kept[-1],  # the per-call cache, alive until the call returns (through the decode)
+        "identity_kv_cache": kept[-1],  # the per-call K/V cache (identity and text), alive through the decode
         "decode": peak_activation_bytes(lambda: vae.decode(latents, return_dict=False)),
         "text_encoder": peak_activation_bytes(lambda: te1(ids, output_hidden_states=True)),
         "text_encoder_2": peak_activation_bytes(lambda: te2(ids, output_hidden_states=True)),

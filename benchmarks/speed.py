@@ -17,8 +17,9 @@ Modes (``--modes``, comma separated):
   infinite-id-lora    faithful, with a rank-``--lora-rank`` identity LoRA (the FaceID files' 128) on the identity
                       rows (lora_scale 1); every other mode of ours runs with lora_scale 0 (no LoRA work at all)
   adapter-lora        the adapter with that LoRA (all rows are identity rows)
-  MODE+proto          MODE with the prototype processors of benchmarks/attention_proto.py (its options 1-4)
-  MODE+proto-kv       the same plus option 5 (text K/V computed once per call, which plain SDXL could do too)
+  MODE+no-text-cache  MODE with the text keys/values of cross-attention projected at every step (the package
+                      projects them once per call, which diffusers does not do for plain SDXL: this mode shows
+                      what that cache is worth); the identity keys/values stay cached
 
 Every mode shares one set of weights; each pipeline has its own UNet module tree over them (with its own
 processors), so nothing is swapped between calls. Timed rounds are interleaved (ABAB...): each round runs every
@@ -33,7 +34,7 @@ own process when that matters). ``--flops`` counts each batch layout's FLOPs on 
 Examples:
   python benchmarks/speed.py --quick                                   # tiny components, seconds
   python benchmarks/speed.py --device cpu --dtype bf16 --resolution 512 --steps 2 --repeats 2 --threads 1 \\
-      --warmup-steps 1 --skip-vae --modes plain,infinite-id,infinite-id-window,infinite-id+proto --flops
+      --warmup-steps 1 --skip-vae --modes plain,infinite-id,infinite-id-window --flops
   python benchmarks/speed.py --device cuda --dtype fp16 --resolution 1024 --steps 30   # see benchmarks/gpu.sh
 """
 
@@ -143,8 +144,7 @@ class Mode:
     pipeline: str  # "plain" (diffusers' SDXL pipeline) or "ours"
     kwargs: dict
     note: str
-    proto: bool = False  # the prototype processors (benchmarks/attention_proto.py, options 1-4)
-    text_kv: bool = False  # and their option 5: text K/V once per call
+    text_cache: bool = True  # False: the text K/V of cross-attention projected at every step (+no-text-cache)
 
 
 BASE_MODES = {
@@ -170,16 +170,13 @@ DEFAULT_MODES = "plain,infinite-id,infinite-id-window,infinite-id-cfg0.8,adapter
 
 def parse_mode(name: str) -> Mode:
     base, _, suffix = name.partition("+")
-    if base not in BASE_MODES or suffix not in ("", "proto", "proto-kv") or (suffix and BASE_MODES[base].pipeline != "ours"):
-        raise SystemExit(f"Unknown mode {name!r}; choose from {', '.join(BASE_MODES)} (ours may end in +proto or "
-                         "+proto-kv).")
+    if base not in BASE_MODES or suffix not in ("", "no-text-cache") or (suffix and BASE_MODES[base].pipeline != "ours"):
+        raise SystemExit(f"Unknown mode {name!r}; choose from {', '.join(BASE_MODES)} (ours may end in "
+                         "+no-text-cache).")
     mode = BASE_MODES[base]
-    if suffix and "lora_scale" in mode.kwargs:
-        raise SystemExit(f"{name!r}: the prototype processors have no identity LoRA.")
     if not suffix:
         return mode
-    note = mode.note + (", prototype processors" if suffix == "proto" else ", prototype processors + text K/V cache")
-    return dataclasses.replace(mode, name=name, proto=True, text_kv=suffix == "proto-kv", note=note)
+    return dataclasses.replace(mode, name=name, text_cache=False, note=mode.note + ", text K/V every step")
 
 
 @contextlib.contextmanager
@@ -332,12 +329,23 @@ def shared_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def key_of(mode: Mode) -> str:
-    return "plain" if mode.pipeline == "plain" else "proto" if mode.proto else "ours"
+    return "plain" if mode.pipeline == "plain" else "ours" if mode.text_cache else "ours-no-text-cache"
+
+
+def _text_kv_every_step(module, args, kwargs):
+    """UNet pre-hook of the +no-text-cache modes: drop the call's cached text K/V before every step, so each
+    cross-attention projects them again (the identity K/V stay cached). Keys are the package's ``(layer, "text",
+    layout)``."""
+    call = (kwargs.get("cross_attention_kwargs") or {}).get("id_call")
+    if call is not None and call.kv_cache is not None:
+        for key in [k for k in call.kv_cache if k[1] == "text"]:
+            del call.kv_cache[key]
 
 
 class Bench:
     """The pipelines of the modes over one set of weights: diffusers' SDXL pipeline on a UNet copy with stock
-    processors, ours on the UNet with our processors, and (for +proto modes) ours on a copy with the prototype's."""
+    processors, ours on the UNet with our processors, and (for +no-text-cache modes) ours on a copy of that tree
+    whose pre-hook empties the text part of the per-call K/V cache before every step."""
 
     def __init__(self, engine: Engine, args: argparse.Namespace, modes: list[Mode], backend=backends.SDPA):
         self.engine, self.args, self.modes = engine, args, modes
@@ -353,21 +361,23 @@ class Bench:
             unet.set_attn_processor(backends.stock_processor(backend))  # plain SDXL on the same kernel as ours
             self.pipes["plain"] = StableDiffusionXLPipeline(**parts, unet=unet, scheduler=scheduler,
                                                             add_watermarker=False)
-        if needed & {"ours", "proto"}:
+        if needed - {"plain"}:
             # The constructor adds the identity K/V projections (341M parameters at SDXL size): build them in place.
             with constructing(engine.unet.device, engine.dtype):
                 self.pipes["ours"] = InfiniteIDPipeline(**parts, unet=engine.unet, scheduler=scheduler,
                                                         id_encoder=engine.id_encoder)
             id_attention.set_attention_backend(engine.unet, backend)
-        if "proto" in needed:
-            import attention_proto
-
-            unet = shared_copy(engine.unet)  # shares the identity K/V weights too
-            attention_proto.install_fast_processors(unet, backend)
-            self.pipes["proto"] = InfiniteIDPipeline(**parts, unet=unet, scheduler=scheduler,
-                                                     id_encoder=engine.id_encoder)
         if any(m.kwargs.get("lora_scale") for m in modes):
             self.lora_params = install_identity_lora(engine.unet, args.lora_rank, engine.dtype)
+        if "ours-no-text-cache" in needed:
+            if args.compile != "off" or args.quantize != "off":
+                raise SystemExit("+no-text-cache modes run eager and unquantized only.")
+            unet = shared_copy(engine.unet)  # our processors with their weights (and any LoRA), shared
+            unet.register_forward_pre_hook(_text_kv_every_step, with_kwargs=True)
+            self.pipes["ours-no-text-cache"] = InfiniteIDPipeline(**parts, unet=unet, scheduler=scheduler,
+                                                                  id_encoder=engine.id_encoder)
+            if "ours" not in needed:
+                del self.pipes["ours"]
         for pipe in self.pipes.values():
             pipe.set_progress_bar_config(disable=True)
         if args.quantize != "off":
@@ -400,8 +410,6 @@ class Bench:
 
     def call(self, mode: Mode, steps: int) -> dict:
         """One pipeline call of ``mode``: its UNet calls, end-to-end time and peak memory."""
-        import attention_proto
-
         args = self.args
         pipe = self.pipes[key_of(mode)]
         kwargs = dict(
@@ -412,11 +420,10 @@ class Bench:
         if mode.pipeline == "ours":
             # lora_scale 0 unless the mode asks for the LoRA: the processors then skip its work entirely.
             kwargs.update(id_embeds=self.engine.id_tokens, **{"lora_scale": 0.0, **mode.kwargs})
-        patch = attention_proto.patched(text_kv=mode.text_kv) if mode.proto else contextlib.nullcontext()
         self.timer.reset()
         device = self.timer.device
         error = None
-        with patch, PeakMemory(device) as memory:
+        with PeakMemory(device) as memory:
             synchronize(device)
             start, start_cpu = time.perf_counter(), time.thread_time()
             try:
@@ -463,19 +470,19 @@ def count_lora_flops(resolution: int, rank: int) -> dict:
         id_attention.install_id_processors(unet)
     install_identity_lora(unet, rank, dtype)
     result = {}
-    for name, batch, ids, texts in (("faithful (batch 4)", 4, [1, 3], [0, 2]), ("adapter (batch 2)", 2, [0, 1], None)):
+    # The pipeline's stream-major rows: [text_u, text_c, id_u, id_c] and the adapter's [id_u, id_c].
+    for name, batch, ids, texts in (("faithful (batch 4)", 4, slice(2, 4), slice(0, 2)),
+                                    ("adapter (batch 2)", 2, slice(0, 2), None)):
         with torch.device("meta"):
             args = (torch.randn(batch, 4, latent, latent, dtype=dtype), torch.tensor(500.0))
             kwargs = {"encoder_hidden_states": torch.randn(batch, 77, 2048, dtype=dtype),
                       "added_cond_kwargs": {"text_embeds": torch.randn(batch, 1280, dtype=dtype),
                                             "time_ids": torch.randn(batch, 6, dtype=dtype)}}
-            rows = torch.tensor(ids)
-            text = None if texts is None else torch.tensor(texts)
-            tokens = torch.randn(len(ids), 261, 2048, dtype=dtype)
+            tokens = torch.randn(2, 261, 2048, dtype=dtype)
         flops = {}
         for scale in (0.0, 1.0):
-            call = id_attention.IDCall(id_rows=rows, id_tokens=tokens, text_rows=text,
-                                       other_rows=text if text is not None else rows[:0], lora_scale=scale)
+            call = id_attention.IDCall(id_rows=ids, id_tokens=tokens, text_rows=texts,
+                                       other_rows=texts if texts is not None else slice(0, 0), lora_scale=scale)
             with FlopCounterMode(display=False) as counter, torch.no_grad():
                 unet(*args, **kwargs, cross_attention_kwargs={"id_call": call})
             flops[scale] = counter.get_total_flops() / 1e12
@@ -495,7 +502,7 @@ def explain_graph_breaks(bench: Bench, modes: list[Mode]) -> dict:
         for (batch, mixing), (args, kwargs) in bench.timer.captured.items():
             torch._dynamo.reset()
             # Explain the eager UNet's forward: the timing hooks would otherwise be traced (and break graphs). The
-            # captured IDCall is already the prototype's for +proto modes.
+            # captured IDCall's K/V cache was filled by that call, as compile_unet fills it before each step.
             result = torch._dynamo.explain(bench.eager_unets[key_of(mode)].forward)(*args, **kwargs)
             reasons = sorted({f"{r.reason.splitlines()[0][:120]} @ {_where(r)}" for r in result.break_reasons})
             report[f"{mode.name} batch {batch}{' mixing' if mixing else ''}"] = {
@@ -550,14 +557,14 @@ def _best_of(fn, device: torch.device, repeats: int = 3) -> float:
     return min(times)
 
 
-def count_flops(resolution: int) -> dict:
+def count_flops(resolution: int, steps: int = 30, skip_vae: bool = False) -> dict:
     """UNet TFLOP per step of each batch layout, counted on the meta device (no compute, no memory, exact).
 
-    Ours runs through the prototype processors (the package's call ``nonzero()``, which meta tensors cannot do);
-    their maths is the package's. The first call of a layout counts what the package pays at every step; a second
-    call with the same inputs finds the prototype's per-call caches filled (identity K/V; text K/V with option 5).
+    Ours runs through the package's processors with the pipeline's row slices and a per-call K/V cache: the first
+    step of a call projects the identity and text keys/values, later steps read them. The middle count (text K/V
+    dropped from the cache) is the ``+no-text-cache`` modes' later steps. On meta tensors no keys are padded (the
+    CPU's padding adds 11 of 272 identity keys to the image branch's attention: not counted).
     """
-    import attention_proto
     from torch.utils.flop_counter import FlopCounterMode
 
     dtype, latent = torch.bfloat16, resolution // 8
@@ -567,7 +574,6 @@ def count_flops(resolution: int) -> dict:
         stock.set_attn_processor(AttnProcessor2_0())
         id_attention.install_id_processors(unet)
         tokens = torch.randn(2, 261, 2048, dtype=dtype)
-    attention_proto.install_fast_processors(unet)
 
     def inputs(batch: int) -> tuple[tuple, dict]:
         with torch.device("meta"):
@@ -580,20 +586,33 @@ def count_flops(resolution: int) -> dict:
             module(*args, **kwargs)
         return counter.get_total_flops() / 1e12
 
-    layouts = {"faithful (batch 4, mixing)": (4, dict(id_rows=torch.tensor([1, 3]), text_rows=torch.tensor([0, 2]))),
-               "identity stream only (batch 2: adapter, after the window)": (2, dict(id_rows=torch.tensor([0, 1])))}
+    layouts = {"faithful (batch 4, mixing)": (4, dict(id_rows=slice(2, 4), text_rows=slice(0, 2),
+                                                      other_rows=slice(0, 2))),
+               "identity stream only (batch 2: adapter, after the window)": (2, dict(id_rows=slice(0, 2),
+                                                                                     other_rows=slice(0, 0)))}
     result = {"plain CFG (batch 2)": tflop(stock, *inputs(2)), "two streams, no identity (batch 4)": tflop(stock, *inputs(4))}
     for name, (batch, rows) in layouts.items():
         args, kwargs = inputs(batch)
-        for label, text_kv in (("", False), (", text K/V cached", True)):
-            with attention_proto.patched(text_kv=text_kv):
-                kwargs["cross_attention_kwargs"] = {"id_call": attention_proto.FastIDCall.build(id_tokens=tokens, **rows)}
-                first, again = tflop(unet, args, kwargs), tflop(unet, args, kwargs)
-            if not text_kv:
-                result[f"{name}: package (identity K/V every step)"] = first
-            result[f"{name}: identity K/V cached{label}"] = again
+        cache: dict = {}
+        kwargs["cross_attention_kwargs"] = {"id_call": id_attention.IDCall(id_tokens=tokens, kv_cache=cache, **rows)}
+        result[f"{name}: first step of a call (projects identity and text K/V)"] = tflop(unet, args, kwargs)
+        for key in [k for k in cache if k[1] == "text"]:
+            del cache[key]
+        result[f"{name}: identity K/V cached, text K/V every step"] = tflop(unet, args, kwargs)
+        result[f"{name}: later steps (identity and text K/V cached)"] = tflop(unet, args, kwargs)
+    # What plain SDXL would save with the same text K/V cache (diffusers does not have one): the text K/V
+    # projections scale with the rows, so half the faithful batch-4 layout's saving.
+    faithful = "faithful (batch 4, mixing)"
+    saving = (result[f"{faithful}: identity K/V cached, text K/V every step"]
+              - result[f"{faithful}: later steps (identity and text K/V cached)"])
+    result["plain CFG (batch 2), if it cached its text K/V (derived)"] = result["plain CFG (batch 2)"] - saving / 2
     plain = result["plain CFG (batch 2)"]
     table = {name: {"tflop": round(v, 3), "x_plain": round(v / plain, 3)} for name, v in result.items()}
+    first, later = (result[f"faithful (batch 4, mixing): {k}"] for k in (
+        "first step of a call (projects identity and text K/V)", "later steps (identity and text K/V cached)"))
+    table[f"faithful, mean step of a {steps}-step call"] = {
+        "tflop": round((first + (steps - 1) * later) / steps, 3),
+        "x_plain": round((first + (steps - 1) * later) / steps / plain, 3)}
 
     # Per image, 30 steps: prompt encoding (both encoders, prompt and negative prompt) + steps + decodes.
     with constructing(torch.device("meta"), dtype):
@@ -603,19 +622,36 @@ def count_flops(resolution: int) -> dict:
         ids = torch.zeros(2, 77, dtype=torch.long)
         decode = tflop(vae.decode, (torch.randn(1, 4, latent, latent, dtype=dtype),), {})
         prompts = sum(tflop(encoder, (ids,), {"output_hidden_states": True}) for encoder in encoders)
-    faithful, after = "faithful (batch 4, mixing)", "identity stream only (batch 2: adapter, after the window)"
-    steps = 30
-    per_image = {"plain": prompts + steps * plain + decode}
-    for label in (": package (identity K/V every step)", ": identity K/V cached"):
-        per_image[f"faithful{label}"] = prompts + steps * result[faithful + label] + 2 * decode  # both images
-        window = steps / 2 * (result[faithful + label] + result[after + label])
-        per_image[f"window (0, 0.5) + text-stream skip{label}"] = prompts + window + decode
-    table["per image, 30 steps"] = {name: {"tflop": round(v, 2), "x_plain": round(v / per_image["plain"], 3)}
-                                    for name, v in per_image.items()}
+    table["per image, 30 steps"] = per_image_flops(result, prompts, decode, 30)
+    if steps != 30 or skip_vae:  # also the run's own calls, as timed (without the decode with --skip-vae)
+        label = f"per image, {steps} steps{', no decode' if skip_vae else ''}"
+        table[label] = per_image_flops(result, prompts, 0.0 if skip_vae else decode, steps)
     table["vae decode (one image)"] = {"tflop": round(decode, 3), "x_plain": round(decode / plain, 3)}
     table["prompt encoding (both encoders, 2 prompts)"] = {"tflop": round(prompts, 3),
                                                             "x_plain": round(prompts / plain, 3)}
     return table
+
+
+def per_image_flops(step: dict, prompts: float, decode: float, steps: int) -> dict:
+    """TFLOP per image of a ``steps``-step call (prompt encoding, steps, decodes) from ``count_flops``' per-step
+    counts: plain, faithful (both images decoded) and the window mode (0, 0.5) with the text-stream skip, whose
+    identity-only layout projects its text K/V at its first step and finds the identity K/V cached."""
+    faithful, alone = "faithful (batch 4, mixing)", "identity stream only (batch 2: adapter, after the window)"
+    first, cached, later = ("first step of a call (projects identity and text K/V)",
+                            "identity K/V cached, text K/V every step", "later steps (identity and text K/V cached)")
+    mixing = -(-steps // 2)  # steps i < steps / 2
+    plain, plain_cached = step["plain CFG (batch 2)"], step["plain CFG (batch 2), if it cached its text K/V (derived)"]
+    totals = {
+        "plain": prompts + steps * plain + decode,
+        "plain, if it cached its text K/V (derived)": prompts + plain + (steps - 1) * plain_cached + decode,
+        "faithful": prompts + step[f"{faithful}: {first}"] + (steps - 1) * step[f"{faithful}: {later}"] + 2 * decode,
+        "faithful, text K/V every step": (prompts + step[f"{faithful}: {first}"]
+                                          + (steps - 1) * step[f"{faithful}: {cached}"] + 2 * decode),
+        "window (0, 0.5) + text-stream skip": (
+            prompts + step[f"{faithful}: {first}"] + (mixing - 1) * step[f"{faithful}: {later}"] + decode
+            + (step[f"{alone}: {cached}"] + (steps - mixing - 1) * step[f"{alone}: {later}"] if steps > mixing else 0)),
+    }
+    return {name: {"tflop": round(v, 2), "x_plain": round(v / totals["plain"], 3)} for name, v in totals.items()}
 
 
 # ----------------------------------------------------------------------------------------------- running
@@ -704,11 +740,22 @@ def summarise(rounds: list[dict[str, dict]], modes: list[Mode], info: dict, proj
             if cpu and all("unet_step_cpu_s" in r["plain"] for r in paired):
                 entry["step_vs_plain_cpu"] = _paired_ratio(paired, mode.name, "unet_step_cpu_s")
                 entry["e2e_vs_plain_cpu"] = _paired_ratio(paired, mode.name, "e2e_cpu_s")
+            # Steps after the first of each call (ours projects its identity and text K/V at the first): what
+            # every step but one of a long call costs. Only when both modes ran one batch layout throughout.
+            for key, calls in (("later_steps_vs_plain", "unet_calls"), ("later_steps_vs_plain_cpu", "unet_calls_cpu")):
+                if all(len(set(r[n]["unet_batches"])) == 1 and len(r[n].get(calls, ())) > 1
+                       for r in paired for n in (mode.name, "plain")):
+                    entry[key] = statistics.median(_mean(r[mode.name][calls][1:]) / _mean(r["plain"][calls][1:])
+                                                   for r in paired)
         summary[mode.name] = entry
     if vae is not None and "plain" in summary:
         for entry in summary.values():
             entry["projected_vs_plain"] = entry["projected_s"] / summary["plain"]["projected_s"]
     return summary
+
+
+def _mean(values) -> float:
+    return sum(values) / len(values)
 
 
 def _paired_ratio(rounds: list[dict[str, dict]], name: str, key: str, base: str = "plain") -> float:
@@ -801,11 +848,15 @@ def bars(summary: dict, skip_vae: bool, device: str = "cpu", fast: str = "off") 
     decode = ", VAE decode skipped" if skip_vae else ""
     lines = []
     for base, (key, goal) in goals.items():
-        for name in (base, f"{base}+proto", f"{base}+proto-kv"):
+        for name in (base, f"{base}+no-text-cache"):
             if name not in summary or key not in summary[name]:
                 continue
             what = "per-step" if key == "step_vs_plain" else f"end-to-end{decode}"
             line = f"{what} ratio, {name} / plain, goal <= {goal}: {_verdict(summary[name], key, goal)}"
+            later = summary[name].get("later_steps_vs_plain_cpu", summary[name].get("later_steps_vs_plain"))
+            if key == "step_vs_plain" and later is not None:
+                line += (f"; steps after a call's first (its K/V cache full; "
+                         f"{'CPU time' if 'later_steps_vs_plain_cpu' in summary[name] else 'wall'}): {later:.3f}")
             if "projected_vs_plain" in summary[name] and key == "e2e_vs_plain":
                 line += f"; projected to 30 steps with the decode (wall): {summary[name]['projected_vs_plain']:.3f}"
             lines.append(line)
@@ -858,11 +909,14 @@ def markdown(result: dict) -> str:
                      f"(x plain): {projected}")
     if "flops" in info:
         flops = dict(info["flops"])
-        per_image = flops.pop("per image, 30 steps")
+        per_image = {k: flops.pop(k) for k in list(flops) if k.startswith("per image, ")}
         lines.append(f"- TFLOP per UNet step at {s['resolution']}² (counted on the meta device; x plain CFG step): "
                      + "; ".join(f"{name} {v['tflop']:.2f} ({v['x_plain']:.3f})" for name, v in flops.items()))
-        lines.append("- TFLOP per image at 30 steps, prompt encoding and decodes included (x plain): "
-                     + "; ".join(f"{name} {v['tflop']:.1f} ({v['x_plain']:.3f})" for name, v in per_image.items()))
+        for label, table in per_image.items():
+            what = label.removesuffix(", no decode") + (" (prompt encoding included, no decode" if "no decode" in label
+                                                        else " (prompt encoding and decodes included")
+            lines.append(f"- TFLOP {what}; x plain): "
+                         + "; ".join(f"{name} {v['tflop']:.1f} ({v['x_plain']:.3f})" for name, v in table.items()))
     if "compile_first_call_s" in info:
         lines.append(f"- torch.compile ({s['compile']}, backend {s.get('compile_backend', 'inductor')}"
                      f"{', plain left uncompiled' if s.get('compile_skip_plain') else ''}): first call of each batch "
@@ -994,7 +1048,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = " ".join(f"{x:.1f}" for x in os.getloadavg())
     outcome = run_isolated(args, modes) if args.isolate else run(args, modes)
     if args.flops and not args.quick:
-        outcome["info"]["flops"] = count_flops(args.resolution)
+        outcome["info"]["flops"] = count_flops(args.resolution, args.steps, args.skip_vae)
         if any(m.kwargs.get("lora_scale") for m in modes):
             outcome["info"]["lora_flops"] = count_lora_flops(args.resolution, args.lora_rank)
     summary = summarise(outcome["rounds"], modes, outcome["info"])

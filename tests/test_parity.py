@@ -149,9 +149,9 @@ def test_text_stream_is_plain_diffusers_sdxl_bit_for_bit_with_the_lora_loaded(pa
     pipe, _ = pair("faceid-plusv2")
     assert lora_rank(pipe.unet) == 4
     out = ours(pipe, face, lora_scale=1.0, **knobs)
-    # The same batch geometry as ours ([text_uncond, id_uncond, text_cond, id_cond]): diffusers with two images of
-    # the prompt puts image 0 at rows 0 and 2 of a batch of 4, where our text stream is. Matrix products give the
-    # same bits for the same row of the same shape, so the comparison can be exact.
+    # The same batch geometry as ours ([text_uncond, text_cond, id_uncond, id_cond]): diffusers with two images of
+    # the prompt runs a batch of 4 too (image 0 at rows 0 and 2; our text stream at rows 0 and 1). Matrix products
+    # give the same bits for every row of the same shape, so the comparison can be exact.
     generators = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)]
     expected = run(plain_sdxl, num_images_per_prompt=2, generator=generators).images[:1]
     assert torch.equal(out.text_images, expected), (out.text_images - expected).abs().max()

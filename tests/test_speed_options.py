@@ -8,18 +8,14 @@ by design (tiles see less context): there we bound the mean error. Checks that n
 """
 
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import generate
 
+from infinite_id.method.attention import attention_layers
 from infinite_id.models.loading import compile_unet
 from infinite_id.testing import tiny_pipeline
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import attention_proto  # noqa: E402
 
 TOL = 1e-3
 CUDA = torch.cuda.is_available()
@@ -158,19 +154,6 @@ def test_torch_compile_captures_a_mixing_step_in_one_graph(compiled):
     assert graphs == 1
 
 
-def test_prototype_processors_compute_the_same_and_compile_to_one_graph(identity):
-    pipe = tiny_pipeline(seed=0, face_analyzer=None)
-    cases = [dict(), dict(mix_window=(0.0, 0.5), return_text_images=False), dict(method="adapter"),
-             dict(semantic_scale=1.7, style_strength=0.5, id_scale=0.8)]
-    reference = [generate(pipe, id_embeds=identity, **kwargs).images for kwargs in cases]
-    attention_proto.install_fast_processors(pipe.unet)
-    with attention_proto.patched():
-        for kwargs, ref in zip(cases, reference):
-            assert max_diff(generate(pipe, id_embeds=identity, **kwargs).images, ref) <= TOL, kwargs  # ~2e-5 seen
-        _, graphs = _compiled_call(pipe, identity)
-    assert graphs == 1
-
-
 @on_gpu
 def test_fp16_channels_last_and_inductor_on_cuda(identity):
     # fp16 with the fp16-safe VAE (force_upcast off), channels_last, inductor: close to the fp32 CPU result.
@@ -197,8 +180,10 @@ def test_fp16_channels_last_and_inductor_on_cuda(identity):
 
 
 def test_compile_unet_makes_one_graph_per_batch_layout_across_calls(identity, caplog):
-    # Dynamo guarded on the identity tensor through the per-call K/V cache: every call recompiled (8 calls, then
-    # eager). compile_unet leaves the cache out of compiled calls: one graph per layout, whatever the call.
+    # Dynamo guarded on the identity tensor through the per-call K/V cache's id() key: every call recompiled (8
+    # calls, then eager). The cache is now keyed by strings naming the layout, and compile_unet fills it before each
+    # compiled forward: one graph per layout, whatever the call. The counting backend is called once per graph
+    # dynamo makes, so its count is also the number of (re)compilations.
     pipe = tiny_pipeline(seed=0, face_analyzer=None)
     eager = generate(pipe, id_embeds=identity, num_inference_steps=2).images
     backend = _CountingBackend()
@@ -219,3 +204,26 @@ def test_compile_unet_makes_one_graph_per_batch_layout_across_calls(identity, ca
     assert sorted(pipe.compile_report) == ["batch 2, 32x32 latents, identity", "batch 2, 32x32 latents, plain",
                                            "batch 4, 32x32 latents, mixing"]
     assert sum("torch.compile: first UNet call of layout" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_compiled_calls_keep_the_kv_cache_without_recompiling(identity):
+    # The identity and text keys/values are projected once per call (before the first compiled step, outside the
+    # graph) and read from the cache by every step's graph: 2 calls x 3 steps, one graph, two projections each.
+    pipe = tiny_pipeline(seed=0, face_analyzer=None)
+    eager = generate(pipe, id_embeds=identity, num_inference_steps=3).images
+    name, attn = next((n, a) for n, a in attention_layers(pipe.unet) if n.endswith("attn2.processor"))
+    counts = {"identity": 0, "text": 0}
+    hooks = [attn.processor.to_k_ip.register_forward_hook(lambda *_: counts.__setitem__("identity", counts["identity"] + 1)),
+             attn.to_k.register_forward_hook(lambda *_: counts.__setitem__("text", counts["text"] + 1))]
+    backend = _CountingBackend()
+    torch._dynamo.reset()
+    try:
+        compile_unet(pipe, backend=backend)
+        outs = [generate(pipe, id_embeds=identity, num_inference_steps=3, seed=s).images for s in (0, 1)]
+    finally:
+        torch._dynamo.reset()
+        for hook in hooks:
+            hook.remove()
+    assert backend.graphs == 1, name
+    assert counts == {"identity": 2, "text": 2}
+    assert max_diff(outs[0], eager) <= TOL

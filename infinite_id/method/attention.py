@@ -15,12 +15,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .backends import SDPA
 from .id_lora import IdentityLoRA, add_on_rows
 from .ops import adain_mean
+
+Rows = slice | torch.Tensor  # batch rows: a slice (a view, from the pipeline) or an index tensor (a copy)
 
 
 @dataclass(frozen=True)
@@ -30,15 +33,20 @@ class IDCall:
     ``id_rows`` are the batch rows of the identity stream; ``text_rows[i]`` is the text-stream row that
     ``id_rows[i]`` mixes with (same image, same CFG polarity), or None when the batch has no text stream.
     ``id_tokens[i]`` are the identity tokens of ``id_rows[i]``. Rows not in ``id_rows`` are computed stock (no
-    identity branch, no identity LoRA);
-    ``other_rows`` lists them (the pipeline knows them; None: derived here, at the cost of a host sync).
-    ``ip_cache``: a dict owned by one call, in which each layer keeps its identity keys/values once projected
-    (the tokens do not change between steps, so projecting them every step would be wasted work).
+    identity branch, no identity LoRA); ``other_rows`` lists them (None: the text rows when the two cover the batch,
+    else derived on the host). Rows are Python slices from the pipeline (stream-major batches make every stream one
+    block, so the processors work on views, never copy rows out, and never read a tensor on the host) or index
+    tensors (any rows; each use copies them).
+
+    ``kv_cache``: a dict owned by one call, where each cross-attention layer keeps what does not change between
+    its steps: the identity keys/values (under ``tokens_key``) and the text keys/values (under ``layout_key``).
+    The pipeline names both per batch layout with strings, so under ``torch.compile`` dynamo sees constant keys
+    and the same dict keys at every call (no guard on a tensor's identity, no recompilation).
     """
 
-    id_rows: torch.Tensor
+    id_rows: Rows
     id_tokens: torch.Tensor
-    text_rows: torch.Tensor | None = None
+    text_rows: Rows | None = None
     id_scale: float = 1.0
     semantic_scale: float = 1.0
     style_strength: float = 1.0
@@ -47,8 +55,10 @@ class IDCall:
     adain_cross: bool = False  # AdaIN-mean on the image K/V of cross-attention as well (inside the mixing window)
     lora_scale: float = 1.0  # the identity LoRA's strength on the identity rows (ignored when none is installed)
     text_branch: bool = True  # False in identity-enhanced training: cross-attention is the image branch alone
-    other_rows: torch.Tensor | None = None
-    ip_cache: dict | None = field(default=None, compare=False, repr=False)
+    other_rows: Rows | None = None
+    kv_cache: dict | None = field(default=None, compare=False, repr=False)
+    tokens_key: str = "tokens"  # names ``id_tokens`` in kv_cache: the same string for the same tokens in a call
+    layout_key: str = "layout"  # names the batch layout (its prompt rows) in kv_cache, likewise
 
     def mixes_in(self, layer: str) -> bool:
         if self.text_rows is None or not self.mixing:
@@ -77,9 +87,41 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-def _rows(x: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+def _rows(x: torch.Tensor | None, rows: Rows) -> torch.Tensor | None:
     # A mask with batch 1 broadcasts over every row.
-    return x if x is None or x.shape[0] == 1 else x.index_select(0, rows)
+    return x if x is None or x.shape[0] == 1 else x[rows]
+
+
+def _count(rows: Rows, batch: int) -> int:
+    return len(range(*rows.indices(batch))) if isinstance(rows, slice) else rows.numel()
+
+
+def _add_rows(out: torch.Tensor, rows: Rows, value: torch.Tensor, alpha: float) -> None:
+    """``out[rows] += alpha * value`` in place (on a view for a slice)."""
+    if isinstance(rows, slice):
+        out[rows].add_(value, alpha=alpha)
+    else:
+        out.index_add_(0, rows, value, alpha=alpha)
+
+
+def _other_rows(call: IDCall, batch: int) -> Rows:
+    """The rows outside the identity stream: given by the pipeline; else the text rows when the counts say they
+    are the rest of the batch; else (hand-built calls only) read from the rows on the host."""
+    if call.other_rows is not None:
+        return call.other_rows
+    guess = call.text_rows if call.text_rows is not None else slice(0, 0)
+    if _count(call.id_rows, batch) + _count(guess, batch) == batch:
+        return guess
+    ids = call.id_rows
+    taken = set(range(batch)[ids]) if isinstance(ids, slice) else set(ids.tolist())
+    device = None if isinstance(ids, slice) else ids.device
+    return torch.tensor([r for r in range(batch) if r not in taken], dtype=torch.long, device=device)
+
+
+def _covers_batch(rows: Rows, batch: int) -> bool:
+    if isinstance(rows, slice):
+        return range(batch)[rows] == range(batch)
+    return rows.numel() == batch and torch.equal(rows.sort().values.cpu(), torch.arange(batch))
 
 
 class _Processor(nn.Module):
@@ -99,7 +141,7 @@ class _Processor(nn.Module):
             self.backend = backend
         self.register_module("id_lora", None)  # an IdentityLoRA when the loaded adapter carries one
 
-    def _lora_rows(self, id_call: IDCall | None) -> tuple[torch.Tensor | None, float]:
+    def _lora_rows(self, id_call: IDCall | None) -> tuple[Rows | None, float]:
         """The rows the identity LoRA acts on and its scale: (None, 0) when it does not act in this call."""
         if id_call is None or self.id_lora is None or id_call.lora_scale == 0:
             return None, 0.0
@@ -150,6 +192,11 @@ class _Processor(nn.Module):
             k = attn.norm_k(k)
         return q, k
 
+    def _attend(self, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias=None) -> torch.Tensor:
+        """Attention of ``[b, n, C]`` projections through the backend: ``[b, heads, n, d]``."""
+        qh, kh = self._qk_norm(attn, _heads(q, attn.heads), _heads(k, attn.heads))
+        return self.backend(qh, kh, _heads(v, attn.heads), bias)
+
 
 class MixedSelfAttnProcessor(_Processor):
     """Self-attention (``attn1``). ID-stream rows attend to ``[K_id ; K_t]``, ``[V_id ; V_t]``.
@@ -163,46 +210,59 @@ class MixedSelfAttnProcessor(_Processor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, id_call=None):
         hidden_states, residual, shape = self._enter(attn, hidden_states, temb)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch = hidden_states.shape[0]
+        batch, n, _ = hidden_states.shape
         mask = self._mask(attn, attention_mask, context.shape[1], batch)
         q = self._project(attn, "to_q_lora", hidden_states, id_call)
         k = self._project(attn, "to_k_lora", context, id_call)
         v = self._project(attn, "to_v_lora", context, id_call)
 
         if id_call is None or not id_call.mixes_in(self.name):
-            qh, kh = self._qk_norm(attn, _heads(q, attn.heads), _heads(k, attn.heads))
-            out = self.backend(qh, kh, _heads(v, attn.heads), mask)
-            return self._leave(attn, _merge(out), residual, shape, id_call)
+            return self._leave(attn, _merge(self._attend(attn, q, k, v, mask)), residual, shape, id_call)
 
-        ids, texts = id_call.id_rows, id_call.text_rows
-        others = id_call.other_rows if id_call.other_rows is not None else _complement(ids, batch)
-        out = torch.empty_like(q)
-        if others.numel():
+        ids, texts, others = id_call.id_rows, id_call.text_rows, _other_rows(id_call, batch)
+        # Each part's output is written once, transposed, into [b, n, heads, d]: the copy _merge makes anyway.
+        out = q.new_empty(batch, n, attn.heads, q.shape[-1] // attn.heads)
+        if _count(others, batch):
             # Every row outside the identity stream is plain attention, as diffusers computes it.
-            qh, kh = self._qk_norm(attn, _heads(q[others], attn.heads), _heads(k[others], attn.heads))
-            rows_out = self.backend(qh, kh, _heads(v[others], attn.heads), _rows(mask, others))
-            out = out.index_copy(0, others, _merge(rows_out))
-
-        k_id, v_id, k_t, v_t = k[ids], v[ids], k[texts], v[texts]
-        if id_call.style_strength:
-            k_id = adain_mean(k_id, k_t, id_call.style_strength)
-            v_id = adain_mean(v_id, v_t, id_call.style_strength)
-        bias = None
-        if id_call.semantic_scale > 0:
-            n_id = k_id.shape[1]
-            k_id, v_id = torch.cat([k_id, k_t], dim=1), torch.cat([v_id, v_t], dim=1)
-            if id_call.semantic_scale != 1:
-                bias = torch.zeros(1, 1, 1, k_id.shape[1], dtype=q.dtype, device=q.device)
-                bias[..., n_id:] = math.log(id_call.semantic_scale)
+            out[others] = self._attend(attn, q[others], k[others], v[others], _rows(mask, others)).transpose(1, 2)
         id_mask = _rows(mask, ids)
-        if id_mask is not None:
-            text_mask = _rows(mask, texts)
-            id_mask = torch.cat([id_mask, text_mask], dim=-1) if k_id.shape[1] > id_mask.shape[-1] else id_mask
-            bias = id_mask if bias is None else id_mask + bias
-        qh, kh = self._qk_norm(attn, _heads(q[ids], attn.heads), _heads(k_id, attn.heads))
-        id_out = self.backend(qh, kh, _heads(v_id, attn.heads), bias)
-        out = out.index_copy(0, ids, _merge(id_out))
-        return self._leave(attn, out, residual, shape, id_call)
+        if id_mask is not None and id_call.semantic_scale > 0:
+            id_mask = torch.cat([id_mask, _rows(mask, texts)], dim=-1)
+        mixed = self._mixed(attn, q[ids], (k[ids], v[ids]), (k[texts], v[texts]), id_mask, id_call)
+        out[ids] = mixed.transpose(1, 2)
+        return self._leave(attn, out.view(batch, n, -1), residual, shape, id_call)
+
+    def _mixed(self, attn: Attention, q: torch.Tensor, own: tuple, text: tuple, mask, call: IDCall) -> torch.Tensor:
+        """Attention of the identity rows ``q`` ``[P, n, C]`` over their own keys/values (``own``, AdaIN-shifted
+        towards ``text``'s means) and, with weight ``w = semantic_scale``, the text rows' (``text``): ``[P, h, n, d]``.
+        """
+        w, strength = call.semantic_scale, call.style_strength
+        if w > 0 and mask is None and getattr(self.backend, "merges_two_calls", False):
+            # Two bias-free calls merged through their log-sum-exp (xformers): no concatenation, no bias tensor.
+            k_id, v_id = (adain_mean(x, t, strength) for x, t in zip(own, text))
+            qh, k1 = self._qk_norm(attn, _heads(q, attn.heads), _heads(k_id, attn.heads))
+            k2 = _heads(text[0], attn.heads)
+            k2 = k2 if attn.norm_k is None else attn.norm_k(k2)
+            v1, v2 = _heads(v_id, attn.heads), _heads(text[1], attn.heads)
+            return self.backend.mixed(qh, k1, v1, k2, v2, math.log(w))
+        n_own = own[0].shape[1]
+        kv = []
+        for x, t in zip(own, text):
+            if w == 0:  # the text keys are dropped entirely: no mixing, AdaIN-mean only
+                kv.append(adain_mean(x, t, strength))
+                continue
+            # [AdaIN_m(x, t) ; t] on the token axis, AdaIN written straight into the concatenation buffer.
+            buf = x.new_empty(x.shape[0], n_own + t.shape[1], x.shape[2])
+            adain_mean(x, t, strength, out=buf[:, :n_own])
+            buf[:, n_own:] = t
+            kv.append(buf)
+        bias = None
+        if w > 0 and w != 1:
+            bias = torch.zeros(1, 1, 1, kv[0].shape[1], dtype=q.dtype, device=q.device)
+            bias[..., n_own:] = math.log(w)
+        if mask is not None:
+            bias = mask if bias is None else mask + bias
+        return self._attend(attn, q, kv[0], kv[1], bias)
 
 
 class IDCrossAttnProcessor(_Processor):
@@ -213,6 +273,7 @@ class IDCrossAttnProcessor(_Processor):
     image branch alone, so the prompt cannot influence it. The identity LoRA (if any) acts on the ID rows' q, text
     k/v and output (not on ``to_k_ip``/``to_v_ip``), as in the authors' FaceID processors. ``adain_cross`` moves the
     image K/V means towards the same row's text K/V, inside the mixing window of a two-stream call only.
+    Both key/value pairs are the same at every step of a call: with ``id_call.kv_cache`` each is projected once.
     """
 
     def __init__(self, name: str, hidden_size: int, cross_attention_dim: int, backend=None):
@@ -222,57 +283,101 @@ class IDCrossAttnProcessor(_Processor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, id_call=None):
         hidden_states, residual, shape = self._enter(attn, hidden_states, temb)
-        batch = hidden_states.shape[0]
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if attn.norm_cross and encoder_hidden_states is not None:
-            context = attn.norm_encoder_hidden_states(context)
+        batch, n, _ = hidden_states.shape
         q = self._project(attn, "to_q_lora", hidden_states, id_call)
         text_branch = id_call is None or id_call.text_branch
 
         if text_branch:
+            context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
             mask = self._mask(attn, attention_mask, context.shape[1], batch)
-            k = self._project(attn, "to_k_lora", context, id_call)
-            v = self._project(attn, "to_v_lora", context, id_call)
-            qh, kh = self._qk_norm(attn, _heads(q, attn.heads), _heads(k, attn.heads))
-            out = _merge(self.backend(qh, kh, _heads(v, attn.heads), mask))
+            k, v = self.text_kv(attn, hidden_states, encoder_hidden_states, id_call)
+            text = self._attend(attn, q, k, v, mask)
             if id_call is None or id_call.id_scale == 0:
-                return self._leave(attn, out, residual, shape, id_call)
+                return self._leave(attn, _merge(text), residual, shape, id_call)
+            out = text.transpose(1, 2).contiguous()  # [b, n, heads, d]: the image branch is added in place
         else:
-            rows = id_call.id_rows
-            if rows.numel() != batch or not torch.equal(rows.sort().values.cpu(), torch.arange(batch)):
+            if not _covers_batch(id_call.id_rows, batch):
                 raise ValueError("With the text branch off (training mode) every batch row must be an identity row.")
-            out = torch.zeros_like(q)
+            out = q.new_zeros(batch, n, attn.heads, q.shape[-1] // attn.heads)
 
         ids = id_call.id_rows
-        ip_k, ip_v = self._identity_kv(id_call, q.dtype)
+        ip_k, ip_v, ip_bias = self.identity_kv(id_call, q.dtype)
         if id_call.adain_cross and text_branch and id_call.mixing and id_call.text_rows is not None:
-            ip_k = adain_mean(ip_k, k[ids], id_call.style_strength)
-            ip_v = adain_mean(ip_v, v[ids], id_call.style_strength)
-        qh = _heads(q[ids], attn.heads)
-        qh, kh = self._qk_norm(attn, qh, _heads(ip_k, attn.heads))
-        image = _merge(self.backend(qh, kh, _heads(ip_v, attn.heads)))
-        scale = id_call.id_scale if text_branch else 1.0
-        out = out.index_add(0, ids, image, alpha=scale)
-        return self._leave(attn, out, residual, shape, id_call)
+            tokens = id_call.id_tokens.shape[1]
+            ip_k, ip_v = (_adain_padded(x, t[ids], tokens, id_call.style_strength) for x, t in ((ip_k, k), (ip_v, v)))
+        image = self._attend(attn, q[ids], ip_k, ip_v, ip_bias)
+        _add_rows(out, ids, image.transpose(1, 2), id_call.id_scale if text_branch else 1.0)
+        return self._leave(attn, out.view(batch, n, -1), residual, shape, id_call)
 
-    def _identity_kv(self, id_call: IDCall, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        cache = id_call.ip_cache
-        # id() only when there is a cache: torch.compile runs without one (models.loading.compile_unet) because
-        # dynamo guards on the identity of the tokens, which would recompile the UNet at every call.
-        key = None if cache is None else (self.name, id(id_call.id_tokens))
+    def text_kv(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                id_call: IDCall | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text branch's keys and values ``[b, tokens, C]`` (identity LoRA on the identity rows), from the
+        call's cache when it has them (the prompt rows of a layout do not change between steps)."""
+        cache = None if id_call is None or encoder_hidden_states is None else id_call.kv_cache
+        key = (self.name, "text", id_call.layout_key) if cache is not None else None
+        if key is not None and key in cache:
+            return cache[key]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attn.norm_cross and encoder_hidden_states is not None:
+            context = attn.norm_encoder_hidden_states(context)
+        kv = self._project(attn, "to_k_lora", context, id_call), self._project(attn, "to_v_lora", context, id_call)
+        return _stored(cache, key, kv)
+
+    def identity_kv(self, id_call: IDCall, dtype: torch.dtype):
+        """(keys, values, bias) of the identity tokens, ``[P, tokens, C]`` each, projected once per call.
+
+        Where the backend wants a key multiple (CPU: 16), the tokens are padded with zero keys/values and ``bias``
+        puts -inf on the padding (exactly the same softmax); else ``bias`` is None."""
+        cache = id_call.kv_cache
+        key = (self.name, "identity", id_call.tokens_key) if cache is not None else None
         if key is not None and key in cache:
             return cache[key]
         tokens = id_call.id_tokens.to(dtype)
-        kv = self.to_k_ip(tokens), self.to_v_ip(tokens)
-        if key is not None:
-            cache[key] = kv
-        return kv
+        k, v, bias = self.to_k_ip(tokens), self.to_v_ip(tokens), None
+        multiple = getattr(self.backend, "key_multiple", None)
+        pad = -k.shape[1] % multiple(k.device) if multiple is not None else 0
+        if pad:
+            k, v = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
+            bias = torch.zeros(1, 1, 1, k.shape[1], dtype=k.dtype, device=k.device)
+            bias[..., -pad:] = float("-inf")
+        return _stored(cache, key, (k, v, bias))
 
 
-def _complement(rows: torch.Tensor, batch: int) -> torch.Tensor:
-    keep = torch.ones(batch, dtype=torch.bool, device=rows.device)
-    keep[rows] = False
-    return keep.nonzero().flatten()
+def _stored(cache: dict | None, key, value):
+    # Under torch.compile the cache is filled before the graph runs (fill_kv_cache): a store from inside the graph
+    # would change the dict's keys between steps and recompile.
+    if key is not None and not torch.compiler.is_compiling():
+        cache[key] = value
+    return value
+
+
+def _adain_padded(x: torch.Tensor, target: torch.Tensor, tokens: int, strength: float) -> torch.Tensor:
+    """AdaIN-mean of the first ``tokens`` tokens of ``x`` (the rest is zero padding, masked out) towards
+    ``target``, into a new buffer whose padding stays zero."""
+    if x.shape[1] == tokens:
+        return adain_mean(x, target, strength)
+    buf = x.new_zeros(x.shape)
+    adain_mean(x[:, :tokens], target, strength, out=buf[:, :tokens])
+    return buf
+
+
+def fill_kv_cache(unet: nn.Module, id_call: IDCall | None, encoder_hidden_states: torch.Tensor | None) -> None:
+    """Project every cross-attention layer's identity keys/values (and text keys/values) into ``id_call.kv_cache``
+    now, outside any graph: what a compiled UNet's pre-hook does (``models.loading.compile_unet``), so the graph
+    always finds the cache full and is the same graph at every step and call of a batch layout.
+
+    The text keys/values are filled only when the UNet hands ``encoder_hidden_states`` to its attention layers
+    unchanged (no ``encoder_hid_proj``); otherwise the compiled layers compute them in the graph, every step."""
+    if id_call is None or id_call.kv_cache is None:
+        return
+    text = id_call.text_branch and encoder_hidden_states is not None and getattr(unet, "encoder_hid_proj", 0) is None
+    dtype = encoder_hidden_states.dtype if encoder_hidden_states is not None else unet.dtype  # the processors' q's
+    for _, attn in attention_layers(unet):
+        proc = attn.processor
+        if isinstance(proc, IDCrossAttnProcessor):
+            proc.identity_kv(id_call, dtype)
+            if text:
+                proc.text_kv(attn, encoder_hidden_states, encoder_hidden_states, id_call)
 
 
 def attention_layers(unet: nn.Module) -> list[tuple[str, Attention]]:

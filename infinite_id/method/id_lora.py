@@ -54,17 +54,25 @@ class IdentityLoRA(nn.Module):
         return getattr(self, part)(x)
 
 
-def add_on_rows(base: torch.Tensor, lora: IdentityLoRA | None, part: str, x: torch.Tensor, rows: torch.Tensor | None,
-                scale: float) -> torch.Tensor:
+def add_on_rows(base: torch.Tensor, lora: IdentityLoRA | None, part: str, x: torch.Tensor,
+                rows: slice | torch.Tensor | None, scale: float) -> torch.Tensor:
     """``base`` with ``scale * lora(x)`` added on the batch ``rows`` (the identity stream) and nowhere else.
 
-    ``base`` is the layer's plain output for every row (``linear(x)``). When every row is an identity row (the
-    adapter method) the delta is added to the whole batch without indexing.
+    ``base`` is the layer's plain output for every row (``linear(x)``), made for this call: a slice of rows (the
+    pipeline's; one block of the batch) gets the delta in place on its view of ``base``, an index tensor through
+    ``index_add``. When every row is an identity row (the adapter method) the delta is added to the whole batch.
     """
-    if lora is None or rows is None or scale == 0 or rows.numel() == 0:
+    if lora is None or rows is None or scale == 0:
         return base
-    if rows.numel() == x.shape[0]:  # rows are distinct indices: all of them means the whole batch
+    batch = x.shape[0]
+    count = len(range(batch)[rows]) if isinstance(rows, slice) else rows.numel()
+    if count == 0:
+        return base
+    if count == batch:  # rows are distinct: all of them means the whole batch
         return base + scale * lora.delta(part, x)
+    if isinstance(rows, slice):
+        base[rows].add_(lora.delta(part, x[rows]), alpha=scale)
+        return base
     return base.index_add(0, rows, lora.delta(part, x.index_select(0, rows)), alpha=scale)
 
 

@@ -1,9 +1,10 @@
 """InfiniteIDPipeline: SDXL with an identity stream beside the text stream (DESIGN 2.4).
 
 One UNet call per step carries both streams. With classifier-free guidance the batch of each step is laid out
-``[text_uncond, id_uncond, text_cond, id_cond]`` (blocks of one row per image): each ID row mixes with the text row
-of the same polarity; the unconditional ID row gets the null identity and the negative prompt. CFG is applied per
-stream, and each stream has its own scheduler instance, created per call, so calls never share scheduler state.
+``[text_uncond, text_cond, id_uncond, id_cond]`` (blocks of one row per image; DESIGN 2.4's four rows, stream-major
+so each stream is one block): each ID row mixes with the text row of the same image and polarity; the
+unconditional ID row gets the null identity and the negative prompt. CFG is applied per stream, and each stream
+has its own scheduler instance, created per call, so calls never share scheduler state.
 """
 
 from __future__ import annotations
@@ -42,20 +43,27 @@ class InfiniteIDPipelineOutput(BaseOutput):
 
 @dataclass(frozen=True)
 class _Layout:
-    """Which batch rows hold which stream: rows are polarity-major, stream-minor, ``batch`` rows per block."""
+    """Which batch rows hold which stream. Rows are stream-major, polarity next, ``batch`` rows per block:
+    ``[text_uncond, text_cond, id_uncond, id_cond]`` with CFG. Every stream is then one contiguous block (a slice,
+    so the attention processors work on views), and identity row i mixes with text row i of the text block."""
 
     streams: tuple[str, ...]  # ("text", "id"), ("id",) or ("text",)
     polarities: tuple[str, ...]  # ("uncond", "cond") with CFG, ("cond",) without
     batch: int
 
-    def rows(self, stream: str, device) -> torch.Tensor:
+    def rows(self, stream: str) -> slice:
+        size = len(self.polarities) * self.batch
         s = self.streams.index(stream)
-        idx = [(p * len(self.streams) + s) * self.batch + b for p in range(len(self.polarities)) for b in range(self.batch)]
-        return torch.tensor(idx, dtype=torch.long, device=device)
+        return slice(s * size, (s + 1) * size)
 
     def per_row(self, by_polarity: dict[str, torch.Tensor]) -> torch.Tensor:
         """Lay out a per-image tensor given for each polarity over all rows."""
-        return torch.cat([by_polarity[p] for p in self.polarities for _ in self.streams])
+        return torch.cat([by_polarity[p] for _ in self.streams for p in self.polarities])
+
+    @property
+    def key(self) -> str:
+        """Names this layout in a call's K/V cache (a string: a constant to torch.compile's guards)."""
+        return f"{'+'.join(self.streams)}|{'+'.join(self.polarities)}|{self.batch}"
 
 
 STREAMS = {"infinite-id": ("text", "id"), "adapter": ("id",), "text": ("text",)}
@@ -297,13 +305,13 @@ class InfiniteIDPipeline(IdentityInputsMixin, StableDiffusionXLPipeline):
         window when its image is not wanted; the unconditional rows leave after ``cfg_cutoff``); the per-row
         inputs of each layout are built once per call."""
         rows_cache: dict[_Layout, dict] = {}
-        ip_cache: dict = {}  # identity keys/values per layer, projected once for this call
+        kv_cache: dict = {}  # identity (and text) keys/values per cross-attention layer, projected once this call
         out_stream = "id" if "id" in plan.streams else "text"
         for i, t in enumerate(ts):
             layout = plan.layout(i)
             if layout not in rows_cache:
                 rows_cache[layout] = self._batch_rows(layout, prompt_rows, tokens)
-            x = self._step(plan, layout, rows_cache[layout], schedulers, i, t, x, ip_cache)
+            x = self._step(plan, layout, rows_cache[layout], schedulers, i, t, x, kv_cache)
             if callback is not None:
                 values = {"latents": x[out_stream], "text_latents": x.get("text")}
                 result = callback(self, i, t, {k: values[k] for k in callback_inputs if k in values}) or {}
@@ -313,8 +321,7 @@ class InfiniteIDPipeline(IdentityInputsMixin, StableDiffusionXLPipeline):
 
     def _batch_rows(self, layout: _Layout, prompt_rows: dict, tokens: dict | None) -> dict:
         """The per-row inputs of one batch layout: prompt and pooled embeddings, time ids, and which rows hold
-        the identity stream (with its tokens) and the text stream it mixes with."""
-        device = self._execution_device
+        the identity stream (with its tokens) and the text stream it mixes with (slices: no tensor is read)."""
         rows = {
             "prompt": layout.per_row({p: prompt_rows[p][0] for p in layout.polarities}),
             "pooled": layout.per_row({p: prompt_rows[p][1] for p in layout.polarities}),
@@ -322,32 +329,33 @@ class InfiniteIDPipeline(IdentityInputsMixin, StableDiffusionXLPipeline):
         }
         rows["time_ids"] = prompt_rows["time_ids"].repeat(rows["prompt"].shape[0], 1)
         if "id" in layout.streams:
-            rows["id_rows"] = layout.rows("id", device)
-            rows["tokens"] = torch.cat([tokens[p] for p in layout.polarities])
+            rows["id_rows"] = layout.rows("id")
+            rows["tokens"] = torch.cat([tokens[p] for p in layout.polarities])  # the identity block's order
             # The rows outside the identity stream are the text stream's (none for the adapter).
-            text = layout.rows("text", device) if "text" in layout.streams else None
+            text = layout.rows("text") if "text" in layout.streams else None
             rows["text_rows"] = text
-            rows["other_rows"] = text if text is not None else rows["id_rows"][:0]
+            rows["other_rows"] = text if text is not None else slice(0, 0)
         return rows
 
-    def _step(self, plan: _DenoisePlan, layout: _Layout, rows: dict, schedulers, i, t, x, ip_cache) -> dict:
+    def _step(self, plan: _DenoisePlan, layout: _Layout, rows: dict, schedulers, i, t, x, kv_cache) -> dict:
         """One UNet call for every active stream and polarity, CFG per stream, one scheduler step per stream."""
         call = None
         if rows["id_rows"] is not None:
             start, end = plan.mix_steps
             call = IDCall(
                 id_rows=rows["id_rows"], id_tokens=rows["tokens"], text_rows=rows["text_rows"],
-                mixing=start <= i < end, other_rows=rows["other_rows"], ip_cache=ip_cache, **plan.knobs,
+                mixing=start <= i < end, other_rows=rows["other_rows"], kv_cache=kv_cache,
+                tokens_key="+".join(layout.polarities), layout_key=layout.key, **plan.knobs,
             )
         active, polarities = layout.streams, layout.polarities
-        scaled = torch.cat([schedulers[s].scale_model_input(x[s], t) for s in active])
+        scaled = {s: schedulers[s].scale_model_input(x[s], t) for s in active}
         noise = self.unet(
-            torch.cat([scaled] * len(polarities)), t, encoder_hidden_states=rows["prompt"],
+            torch.cat([scaled[s] for s in active for _ in polarities]), t, encoder_hidden_states=rows["prompt"],
             cross_attention_kwargs=None if call is None else {"id_call": call},
             added_cond_kwargs={"text_embeds": rows["pooled"], "time_ids": rows["time_ids"]}, return_dict=False,
         )[0]
-        noise = noise.view(len(polarities), len(active), plan.batch, *noise.shape[1:])
-        guided = noise[0] + plan.guidance_scale * (noise[1] - noise[0]) if len(polarities) == 2 else noise[0]
+        noise = noise.view(len(active), len(polarities), plan.batch, *noise.shape[1:])  # [stream, polarity, image]
+        guided = noise[:, 0] + plan.guidance_scale * (noise[:, 1] - noise[:, 0]) if len(polarities) == 2 else noise[:, 0]
         x = dict(x)
         for j, s in enumerate(active):
             x[s] = schedulers[s].step(guided[j], t, x[s], return_dict=False)[0]

@@ -22,7 +22,7 @@ import torch
 
 from ..adapters.convert import load_adapter
 from ..config import COMPILE_MODES, SETTINGS, ModelSettings
-from ..method.attention import set_attention_backend
+from ..method.attention import fill_kv_cache, set_attention_backend
 from ..method.backends import resolve_backend
 from ..method.pipeline import InfiniteIDPipeline
 from . import fast as fast_modes  # module-qualified: load_pipeline's ``fast_mode`` argument shadows the name
@@ -236,10 +236,12 @@ def compile_unet(pipe, mode: str = "default", backend: str | object = "inductor"
     """``torch.compile`` the UNet with our processors inside the graph: one graph per batch layout.
 
     Static shapes (``dynamic=False``): each layout (4 rows mixing; 2 rows after the window; 2 rows plain ...) gets
-    its own graph, compiled on its first call; later calls with any prompt, identity or seed reuse it. The
-    per-call identity K/V cache is left out of the compiled calls: dynamo would guard on the identity tensor
-    itself and recompile at every call (the projections it saves are about 1% of a step at 1024²). Each layout's
-    first call is logged with its time (compilation plus one step), and kept in ``pipe.compile_report``.
+    its own graph, compiled on its first call; later calls with any prompt, identity or seed reuse it. The per-call
+    K/V cache (``IDCall.kv_cache``: identity and text keys/values, projected once per call) is filled before each
+    compiled forward, outside the graph (``fill_kv_cache``), so the graph always reads a full cache under the same
+    string keys: dynamo guards on those keys and the tensors' shapes, never on a tensor's identity, and no step or
+    call recompiles. Each layout's first call is logged with its time (compilation plus one step), and kept in
+    ``pipe.compile_report``.
     """
     # Dynamo's default of 8 graphs per function would send the 9th layout (9 aspect presets x 3 layouts) back to
     # eager; the limit is process-wide, and the process that asks for --compile is the one serving this pipeline.
@@ -248,7 +250,7 @@ def compile_unet(pipe, mode: str = "default", backend: str | object = "inductor"
         if hasattr(config, key):
             setattr(config, key, max(getattr(config, key), 64))
     compiled = torch.compile(pipe.unet, mode=None if mode == "default" else mode, backend=backend, dynamic=False)
-    compiled.register_forward_pre_hook(_without_ip_cache, with_kwargs=True)
+    compiled.register_forward_pre_hook(_fill_kv_cache, with_kwargs=True)
     report = _FirstCalls()
     compiled.register_forward_pre_hook(report.before, with_kwargs=True)
     compiled.register_forward_hook(report.after, with_kwargs=True)
@@ -256,14 +258,11 @@ def compile_unet(pipe, mode: str = "default", backend: str | object = "inductor"
     pipe.compile_report = report.seconds
 
 
-def _without_ip_cache(module, args, kwargs):
+def _fill_kv_cache(module, args, kwargs):
+    # Runs eagerly before the compiled forward (hooks on the compiled wrapper are not traced).
     call = (kwargs.get("cross_attention_kwargs") or {}).get("id_call")
-    if call is None or call.ip_cache is None:
-        return None
-    # A new IDCall for this forward only: the caller's object is left as it is.
-    kwargs["cross_attention_kwargs"] = {**kwargs["cross_attention_kwargs"],
-                                        "id_call": dataclasses.replace(call, ip_cache=None)}
-    return args, kwargs
+    context = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+    fill_kv_cache(module._orig_mod, call, context)
 
 
 class _FirstCalls:
