@@ -333,6 +333,9 @@ def test_a_queued_person_sees_their_place_and_wait_the_runner_one_bar_and_where_
 
     first.locator("#advanced").get_by_text("Advanced").first.click()
     set_number(first, "#steps input[type=number]", 30)  # 12 s at least: time for all that follows
+    # The slider takes the typed number on its own schedule: click Generate only once it holds it (under load the
+    # click could otherwise carry the old 4 steps).
+    expect(first.locator("#steps input[type=range]")).to_have_value("30")
     first.locator("#generate-btn").click()
     status = first.locator("#generate-status")
     expect(status).to_contain_text(re.compile(r"Step \d+ of 30"))
