@@ -174,10 +174,21 @@ def screenshot(page, path: Path) -> None:
     assert path.stat().st_size > 10_000
 
 
-def set_number(page, selector: str, value) -> None:
-    field = page.locator(selector)
-    field.fill(str(value))
-    field.press("Enter")
+def set_number(page, slider: str, value) -> None:
+    """Types ``value`` into a slider's number box and waits until the slider itself holds it.
+
+    Typing into a box that Gradio is still mounting (an accordion just opened) can be overwritten by the
+    starting value, so the typing is repeated until the range input agrees (then the next click carries it)."""
+    field, track = page.locator(f"{slider} input[type=number]"), page.locator(f"{slider} input[type=range]")
+    for _ in range(5):
+        field.fill(str(value))
+        field.press("Enter")
+        try:
+            sync_api.expect(track).to_have_value(str(value), timeout=3000)
+            return
+        except AssertionError:
+            continue
+    sync_api.expect(track).to_have_value(str(value))
 
 
 def drive_generate(page, shots: Path, width: int, two_people: Path) -> None:
@@ -243,7 +254,7 @@ def drive_compare(page, shots: Path, width: int) -> None:
     expect(page.locator("#c-styles")).to_be_hidden()
     page.locator("#c-ids textarea").fill("0.2, 0.4, 0.6, 0.8, 1, 1.2, 1.4")
     page.locator("#c-sems textarea").fill("0, 0.5, 1, 1.5, 2, 2.5")
-    set_number(page, "#c-steps input[type=number]", 1)
+    set_number(page, "#c-steps", 1)
     assert_fits(page, "Compare, strength grid")
     page.locator("#compare-btn").click()
     status = page.locator("#compare-status")
@@ -332,10 +343,7 @@ def test_a_queued_person_sees_their_place_and_wait_the_runner_one_bar_and_where_
     expect(first.locator("#generate-status")).to_contain_text("Done in")
 
     first.locator("#advanced").get_by_text("Advanced").first.click()
-    set_number(first, "#steps input[type=number]", 30)  # 12 s at least: time for all that follows
-    # The slider takes the typed number on its own schedule: click Generate only once it holds it (under load the
-    # click could otherwise carry the old 4 steps).
-    expect(first.locator("#steps input[type=range]")).to_have_value("30")
+    set_number(first, "#steps", 30)  # 12 s at least: time for all that follows
     first.locator("#generate-btn").click()
     status = first.locator("#generate-status")
     expect(status).to_contain_text(re.compile(r"Step \d+ of 30"))
