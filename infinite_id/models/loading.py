@@ -66,12 +66,12 @@ def load_pipeline(
     (``models.tiers``; an explicit ``memory_mode`` overrides its placement); ``compile``: a ``torch.compile`` mode
     (True: "default"), see :func:`compile_unet`.
     """
-    given = dict(base_model=base_model, vae=vae, image_encoder=image_encoder, adapter=adapter,
-                 adapter_path=adapter_path, device=None if device is None else str(device),
-                 dtype=None if dtype is None or isinstance(dtype, torch.dtype) else dtype, fast_mode=fast_mode,
-                 memory_mode=memory_mode, s_scale=s_scale, attention=attention,
-                 vram_tier=vram_tier, compile={True: "default", False: "off"}.get(compile, compile))
-    models = dataclasses.replace(models or SETTINGS.models, **{k: v for k, v in given.items() if v is not None})
+    # 1. Settings: the arguments given over ``models``.
+    models = _settings(models, base_model=base_model, vae=vae, image_encoder=image_encoder, adapter=adapter,
+                       adapter_path=adapter_path, device=None if device is None else str(device),
+                       dtype=None if dtype is None or isinstance(dtype, torch.dtype) else dtype, fast_mode=fast_mode,
+                       memory_mode=memory_mode, s_scale=s_scale, attention=attention, vram_tier=vram_tier,
+                       compile={True: "default", False: "off"}.get(compile, compile))
     device_plan = plan(models.device, dtype if isinstance(dtype, torch.dtype) else models.dtype)
     logger.info("Device: %s", device_plan.reason)
     # 1b. Attention kernel, VRAM tier and compile settle before anything loads: a wrong request fails in seconds.
@@ -98,15 +98,7 @@ def load_pipeline(
     )
 
     # 5. The identity branch.
-    adapter_file = hub.local_file(resolved.adapter_file, role="identity adapter", **fetch)
-    if models.license_clean and resolved.adapter.name == "infinite-id":
-        licences.check_checkpoint(adapter_file)  # before it touches the pipeline
-    # A file of one's own is checked against the adapter named for it, or recognised when none is named.
-    kind = models.adapter if models.adapter_path else resolved.adapter.name
-    info = load_adapter(pipe, adapter_file, kind, s_scale=models.s_scale, null_clip=False)
-    _check_face_pack(pipe)
-    logger.info("Identity adapter: %s (%s, %s tokens, LoRA %s)", info["title"], info["file"], info["num_tokens"],
-                info["lora"])
+    adapter_file, info = _identity_branch(pipe, resolved, models, fetch)
 
     # 6. Fast mode: a distilled LoRA fused into the UNet, and its scheduler.
     if mode is not None:
@@ -132,6 +124,25 @@ def load_pipeline(
     # every PNG's metadata (a path of this machine has no business there).
     pipe.adapter_file = Path(adapter_file)
     return pipe
+
+
+def _settings(models: ModelSettings | None, **given) -> ModelSettings:
+    """``models`` (default ``SETTINGS.models``) with every argument that was given (not None) put over it."""
+    return dataclasses.replace(models or SETTINGS.models, **{k: v for k, v in given.items() if v is not None})
+
+
+def _identity_branch(pipe: InfiniteIDPipeline, resolved, models: ModelSettings, fetch: dict) -> tuple[Path, dict]:
+    """Load the identity adapter into ``pipe``: (its file, what ``load_adapter`` says of it)."""
+    adapter_file = hub.local_file(resolved.adapter_file, role="identity adapter", **fetch)
+    if models.license_clean and resolved.adapter.name == "infinite-id":
+        licences.check_checkpoint(adapter_file)  # before it touches the pipeline
+    # A file of one's own is checked against the adapter named for it, or recognised when none is named.
+    kind = models.adapter if models.adapter_path else resolved.adapter.name
+    info = load_adapter(pipe, adapter_file, kind, s_scale=models.s_scale, null_clip=False)
+    _check_face_pack(pipe)
+    logger.info("Identity adapter: %s (%s, %s tokens, LoRA %s)", info["title"], info["file"], info["num_tokens"],
+                info["lora"])
+    return adapter_file, info
 
 
 def _check_face_pack(pipe: InfiniteIDPipeline) -> None:

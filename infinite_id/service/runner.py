@@ -5,6 +5,7 @@ sentences, and the face similarity of every output to the reference. Nothing is 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import threading
 import time
@@ -216,30 +217,40 @@ def run(
     request = request.with_seed()
     if request.needs_identity and id_embeds is None:
         raise ValueError("Upload a photo of the person first (or choose the text-only method).")
-    prompt, negative, strength = request.styled()
-    steps = request.steps
-    total = total_steps if total_steps is not None else steps
-    # CPU generators, one per image: the same seed gives the same starting noise on any device, and image i
-    # of a batch is reproduced on its own with seed + i.
-    generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.num_images)]
+    _check_stop(cancel, deadline)  # e.g. the last cells of a long comparison, timed out before they start
+    total = total_steps if total_steps is not None else request.steps
 
     def step_end(_pipe, i, _t, _tensors):
-        if cancel is not None and cancel.is_set():
-            raise GenerationCancelled()
-        if deadline is not None and time.monotonic() > deadline:
-            raise GenerationTimeout()
+        _check_stop(cancel, deadline)
         if on_step is not None:
             on_step(step_offset + i + 1, total)
         return {}
 
+    started = time.perf_counter()
+    output = _call_pipeline(pipe, request, id_embeds, step_end)
+    seconds = time.perf_counter() - started
+    wrap = functools.partial(_wrap, pipe, request, identity_meta=identity_meta, references=references or {})
+    images = wrap(output.images, request.method)
+    text_images = wrap(output.text_images, "text") if output.text_images is not None else []
+    return GenerationResult(images, text_images, request, seconds)
+
+
+def _check_stop(cancel: threading.Event | None, deadline: float | None) -> None:
+    """Raise ``GenerationCancelled`` once ``cancel`` is set, ``GenerationTimeout`` once ``deadline`` has passed."""
     if cancel is not None and cancel.is_set():
         raise GenerationCancelled()
-    if deadline is not None and time.monotonic() > deadline:  # e.g. the last cells of a long comparison
+    if deadline is not None and time.monotonic() > deadline:
         raise GenerationTimeout()
-    started = time.perf_counter()
-    oom = non_finite = False
+
+
+def _call_pipeline(pipe, request: GenerationRequest, id_embeds, step_end):
+    """The pipeline call itself, with out-of-memory and non-finite outputs turned into sentences."""
+    prompt, negative, strength = request.styled()
+    # CPU generators, one per image: the same seed gives the same starting noise on any device, and image i
+    # of a batch is reproduced on its own with seed + i.
+    generators = [torch.Generator("cpu").manual_seed(request.seed + i) for i in range(request.num_images)]
     try:
-        output = pipe(
+        return pipe(
             prompt,
             id_embeds=id_embeds if request.needs_identity else None,
             negative_prompt=negative or None,
@@ -248,7 +259,7 @@ def run(
             semantic_scale=request.semantic_scale,
             style_strength=strength,
             mix_window=request.mix_window,
-            num_inference_steps=steps,
+            num_inference_steps=request.steps,
             guidance_scale=request.guidance_scale,
             height=request.height,
             width=request.width,
@@ -258,40 +269,35 @@ def run(
             lora_scale=request.lora_scale,
             adain_cross=request.adain_cross,
         )
+    # Both are answered outside their except blocks, so the traceback (and the tensors it holds) is gone first.
     except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
-        oom = True  # handled outside the except block, so the traceback (and the tensors it holds) is gone
+        non_finite = False
     except FloatingPointError:  # the pipeline's decode: NaN/inf even after its fp32 retry
         non_finite = True
+    _free_memory()
     if non_finite:
-        _free_memory()
         raise GenerationError(BLANK_MESSAGE)
-    if oom:
-        _free_memory()
-        raise OutOfMemory(
-            # The sentence reaches web users too, so no command-line flag: docs/weights.md has the memory modes.
-            "The GPU ran out of memory for this request. Try fewer images or a smaller size; if it keeps "
-            "happening, the server needs a lower memory mode (docs/weights.md)."
-        )
-    seconds = time.perf_counter() - started
+    raise OutOfMemory(
+        # The sentence reaches web users too, so no command-line flag: docs/weights.md has the memory modes.
+        "The GPU ran out of memory for this request. Try fewer images or a smaller size; if it keeps "
+        "happening, the server needs a lower memory mode (docs/weights.md)."
+    )
 
+
+def _wrap(pipe, request: GenerationRequest, images, method: str, *, identity_meta: dict | None,
+          references: dict[str, np.ndarray]) -> list[GeneratedImage]:
+    """The pipeline's images with their seeds, PNG metadata and similarity to each reference person."""
     analyzer = getattr(pipe, "face_analyzer", None)
-    references = references or {}
-
-    def wrap(images, method: str) -> list[GeneratedImage]:
-        out = []
-        for i, image in enumerate(images):
-            if is_blank(image):
-                raise GenerationError(BLANK_MESSAGE)
-            seed = request.seed + i
-            sims = {name: output_similarity(analyzer, image, ref) for name, ref in references.items()}
-            meta = _metadata(pipe, request, seed, method, identity_meta)
-            meta["similarity"] = dict(sims) or None
-            out.append(GeneratedImage(image=image, seed=seed, metadata=meta, similarities=sims))
-        return out
-
-    images = wrap(output.images, request.method)
-    text_images = wrap(output.text_images, "text") if output.text_images is not None else []
-    return GenerationResult(images, text_images, request, seconds)
+    out = []
+    for i, image in enumerate(images):
+        if is_blank(image):
+            raise GenerationError(BLANK_MESSAGE)
+        seed = request.seed + i
+        sims = {name: output_similarity(analyzer, image, ref) for name, ref in references.items()}
+        meta = _metadata(pipe, request, seed, method, identity_meta)
+        meta["similarity"] = dict(sims) or None
+        out.append(GeneratedImage(image=image, seed=seed, metadata=meta, similarities=sims))
+    return out
 
 
 def _identity_meta(identity: Identity | None) -> dict | None:
