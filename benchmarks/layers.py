@@ -21,10 +21,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from infinite_id.method.attention import IDCall, IDCrossAttnProcessor, MixedSelfAttnProcessor  # noqa: E402
+from infinite_id.method.ops import adain_mean  # noqa: E402
 
 # SDXL's attention levels: (channels, heads, transformer blocks, latent downsampling).
 SDXL_LEVELS = ((640, 10, 10, 2), (1280, 20, 60, 4))
@@ -52,10 +54,30 @@ def _cases(channels: int, heads: int, n: int, dtype) -> dict:
         "self, stock, batch 4": lambda: stock(self_attn, x4),
         "self, ours, batch 4 mixing": lambda: mixed(self_attn, x4, id_call=call()),
         "self, ours, batch 4 mixing, w 1.5": lambda: mixed(self_attn, x4, id_call=call(semantic_scale=1.5)),
+        **_mixed_parts(self_attn, x4, heads),
         "cross, stock, batch 2": lambda: stock(cross_attn, x4[:2], ctx4[:2]),
         "cross, stock, batch 4": lambda: stock(cross_attn, x4, ctx4),
         "cross, ours, batch 4, later steps": lambda: cross(cross_attn, x4, ctx4, id_call=call(kv_cache=warm)),
         "cross, ours, batch 4, first step": lambda: cross(cross_attn, x4, ctx4, id_call=call(kv_cache={})),
+    }
+
+
+def _mixed_parts(layer: Attention, x4: torch.Tensor, heads: int) -> dict:
+    """What the mixed self-attention is made of, each part alone: the q/k/v and output projections of all four
+    rows, SDPA over the text rows' own keys, SDPA of the identity rows over twice the keys (their own and the
+    text rows'), AdaIN-mean of the identity K/V. Their sum against the processor shows its own overhead; the two
+    SDPA parts show how fast the attention core runs against the projections' matrix products."""
+    q, k, v = layer.to_q(x4), layer.to_k(x4), layer.to_v(x4)
+    split = lambda t: t.view(t.shape[0], -1, heads, t.shape[-1] // heads).transpose(1, 2)  # noqa: E731
+    k2, v2 = (split(torch.cat([t[2:], t[:2]], dim=1)) for t in (k, v))
+    qh, kh, vh = split(q), split(k), split(v)
+    return {
+        "self, part: q/k/v projections, batch 4": lambda: (layer.to_q(x4), layer.to_k(x4), layer.to_v(x4)),
+        "self, part: output projection, batch 4": lambda: layer.to_out[0](x4),
+        "self, part: SDPA text rows, n keys": lambda: F.scaled_dot_product_attention(qh[:2], kh[:2], vh[:2]),
+        "self, part: SDPA identity rows, 2n keys": lambda: F.scaled_dot_product_attention(qh[2:], k2, v2),
+        "self, part: AdaIN-mean of identity K/V": lambda: (adain_mean(k[2:], k[:2], 1.0),
+                                                           adain_mean(v[2:], v[:2], 1.0)),
     }
 
 
@@ -97,7 +119,10 @@ def main() -> None:
         plain = t[f"{kind}, stock, batch 2"]
         for name, value in t.items():
             if name.startswith(kind):
-                print(f"  {name:38s} {value:7.3f}  x{value / plain:.2f}")
+                print(f"  {name:42s} {value:7.3f}  x{value / plain:.2f}")
+    parts = sum(value for name, value in t.items() if name.startswith("self, part:"))
+    print(f"  {'self, the parts above together':42s} {parts:7.3f}  (ours mixing: "
+          f"{t['self, ours, batch 4 mixing'] / parts:.3f}x their sum)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
