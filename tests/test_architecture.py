@@ -130,3 +130,15 @@ def test_no_private_gradio_queue_internals_anywhere():
     found = [(p.relative_to(ROOT), word) for p in files for word in forbidden
              if word in p.read_text(encoding="utf-8", errors="ignore")]
     assert not found, found
+
+
+@pytest.mark.parametrize("package", ["infinite_id", *(f"infinite_id.{p.name}" for p in sorted(PACKAGE.iterdir())
+                                                      if (p / "__init__.py").exists())])
+def test_every_public_name_resolves(package):
+    """Each name a package lists in ``__all__`` (a lazy map written by hand) imports, from the module the map says:
+    a misspelt name or a moved function fails here, not on a user's first import."""
+    import importlib
+
+    module = importlib.import_module(package)
+    missing = [name for name in module.__all__ if not hasattr(module, name)]
+    assert not missing, f"{package}.__all__ lists names it cannot give: {missing}"
