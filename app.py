@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         guard = gen.OutputGuard.from_settings(SERVER)  # first: a configuration mistake costs no model loading
         engine: Engine = load_engine_from_args(args)
     except (ValueError, FileNotFoundError) as error:  # MissingWeightsError and friends: one message, no traceback
-        print(f"\n{error}\n", file=sys.stderr)
-        command = download_command(argv)
-        if type(error).__name__ == "MissingWeightsError" and command != DOWNLOAD:
-            # The message's generic command fetches the default setup; this start asked for other weights.
-            print(f"For the weights this start asks for, run `{command}` (same flags).\n", file=sys.stderr)
+        message = str(error)
+        if type(error).__name__ == "MissingWeightsError":
+            # The message's generic command fetches the default setup; this start may have asked for other weights.
+            message = message.replace(f"`{DOWNLOAD}`", f"`{download_command(argv)}`")
+        print(f"\n{message}\n", file=sys.stderr)
         return 1
     except ImportError as error:
         print(f"\nThe real engine cannot be loaded here ({error}). Try `python app.py --engine tiny`.\n",

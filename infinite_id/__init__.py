@@ -6,7 +6,20 @@ adapters), ``faces``, ``models`` (weights and pipeline building), ``service`` (w
 first use, so ``import infinite_id`` stays light.
 """
 
+import logging
+
 from ._lazy import lazy_exports
+
+
+def _without_torchvision_notice(record: logging.LogRecord) -> bool:
+    # Without torchvision, transformers serves its PIL image processors and says so at every start (diffusers
+    # imports CLIPImageProcessor). The PIL one is what the adapters' reference code used, and torchvision is not a
+    # dependency here, so the notice only misleads: "install torchvision" is not a fix for anything.
+    return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+# A filter on transformers' logger by name: nothing of transformers is imported for it.
+logging.getLogger("transformers.utils.import_utils").addFilter(_without_torchvision_notice)
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "IDCall": ".method.attention",

@@ -388,7 +388,8 @@ def test_missing_weights_name_a_download_command_that_fetches_what_this_start_ne
     done = subprocess.run(start, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     commands = [c for c in re.findall(r"`([^`]+)`", done.stderr) if c.startswith("python")]
-    assert commands[-1] == "python -m infinite_id download --license-clean"
+    # One command, the one for this start (the generic one would fetch the default, non-commercial setup).
+    assert commands == ["python -m infinite_id download --license-clean"], done.stderr
     for command in commands:  # every command the message names runs with the flags it names
         words = shlex.split(command)
         assert words[:3] == ["python", "-m", "infinite_id"]
@@ -414,3 +415,13 @@ def test_the_download_command_keeps_the_weight_flags_and_download_accepts_them(a
     words = shlex.split(command)[4:]
     if "--adapter-path" not in words:  # ... and so does download (a file of one's own must exist to be planned)
         assert download_main([*words, "--dry-run"]) == 0
+
+
+def test_a_start_does_not_tell_people_to_install_torchvision():
+    """transformers' notice that it serves its PIL image processors (diffusers imports them) is filtered: torchvision
+    is not a dependency, and the PIL processor is the one the adapters' reference code used."""
+    done = subprocess.run([sys.executable, "-c", "import infinite_id.method.pipeline, infinite_id.models.loading"],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "torchvision" not in done.stderr, done.stderr

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -43,6 +44,11 @@ from .packs import (  # noqa: F401  (re-exported)
 )
 
 logger = logging.getLogger(__name__)
+# insightface's estimate_norm calls scikit-image's deprecated SimilarityTransform.estimate: one FutureWarning per
+# aligned face, filling the server log. Only that warning, only from that module (a filter set once is thread-safe
+# where catch_warnings around each call is not).
+warnings.filterwarnings("ignore", message="`estimate` is deprecated", category=FutureWarning,
+                        module=r"insightface\.utils\.face_align")
 DetectorChoice = Any  # a Detector, "mtcnn", "pack" (the pack's SCRFD, required) or None (the pack's, else MTCNN)
 
 
