@@ -11,7 +11,6 @@ package (``infinite_id/ui/``: one module per tab); ``build_demo`` is re-exported
 import argparse
 import logging
 import os
-import shlex
 import sys
 
 try:  # Hugging Face ZeroGPU: `spaces` must be imported before torch sets up CUDA (the engine imports torch)
@@ -24,6 +23,7 @@ import gradio as gr  # noqa: F401  (tests patch gr.Blocks.launch through this mo
 from infinite_id import service as gen
 from infinite_id.config import SERVER
 from infinite_id.models.engines import TINY_BANNER, Engine, add_engine_arguments, load_engine_from_args
+from infinite_id.models.options import for_this_start
 from infinite_id.ui import (
     BUSY_SESSION,
     DELETE_CACHE,
@@ -34,18 +34,14 @@ from infinite_id.ui import (
     launch_options,
 )
 
-__all__ = ["BUSY_SESSION", "DELETE_CACHE", "QUEUE_OPTIONS", "SERVER", "build_demo", "download_command",
+__all__ = ["BUSY_SESSION", "DELETE_CACHE", "QUEUE_OPTIONS", "SERVER", "build_demo",
            "enable_queue", "launch_options", "main", "parse_args"]
 
 logger = logging.getLogger("infinite_id.app")
 
-DOWNLOAD = "python -m infinite_id download"
-# The app's own flags and how many values each takes; every other flag chooses weights, and `download` takes those.
-APP_FLAGS = {"--host": 1, "--port": 1, "--share": 0, "--engine": 1, "--fast": 0}
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    # No abbreviations: download_command reads the flags as they were typed.
+    # No abbreviations: the download command in a missing-weights message reads the flags as they were typed.
     parser = argparse.ArgumentParser(description="The Infinite-ID app.", allow_abbrev=False)
     # Spaces and Docker set GRADIO_SERVER_NAME=0.0.0.0; locally the app listens on this machine only.
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
@@ -53,24 +49,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     add_engine_arguments(parser)
     return parser.parse_args(argv)
-
-
-def download_command(argv: list[str]) -> str:
-    """The download command that fetches what this start needs: the weight flags it was given (``download``
-    takes the same ones; the app's ``--fast`` is ``--fast-mode on`` there)."""
-    words, rest, fast = [], list(argv), False
-    while rest:
-        word = rest.pop(0)
-        flag = word.split("=", 1)[0]
-        if flag not in APP_FLAGS:
-            words.append(word)
-            continue
-        fast = fast or flag == "--fast"
-        if APP_FLAGS[flag] and "=" not in word and rest:
-            rest.pop(0)
-    if fast and not any(w.split("=", 1)[0] == "--fast-mode" for w in words):
-        words += ["--fast-mode", "on"]
-    return " ".join([DOWNLOAD, *map(shlex.quote, words)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,11 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         guard = gen.OutputGuard.from_settings(SERVER)  # first: a configuration mistake costs no model loading
         engine: Engine = load_engine_from_args(args)
     except (ValueError, FileNotFoundError) as error:  # MissingWeightsError and friends: one message, no traceback
-        message = str(error)
-        if type(error).__name__ == "MissingWeightsError":
-            # The message's generic command fetches the default setup; this start may have asked for other weights.
-            message = message.replace(f"`{DOWNLOAD}`", f"`{download_command(argv)}`")
-        print(f"\n{message}\n", file=sys.stderr)
+        print(f"\n{for_this_start(error, argv)}\n", file=sys.stderr)
         return 1
     except ImportError as error:
         print(f"\nThe real engine cannot be loaded here ({error}). Try `python app.py --engine tiny`.\n",

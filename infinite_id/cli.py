@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import service as gen
 from .models.engines import add_engine_arguments, load_engine_from_args
+from .models.options import for_this_start
 from .service.styles import default_style_name, style_names
 
 DEFAULT_OUT = Path("outputs")
@@ -76,11 +77,12 @@ def _run(main, argv) -> int:
     try:
         return main(argv)
     except (ValueError, FileNotFoundError) as error:  # sentences for people: bad photo, no face, missing weights
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {for_this_start(error, argv)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ncancelled", file=sys.stderr)
         return 130
+
 
 
 def generate_main(argv: list[str] | None = None) -> int:

@@ -408,13 +408,30 @@ def test_missing_weights_name_a_download_command_that_fetches_what_this_start_ne
      "python -m infinite_id download --adapter plus-face --adapter-path 'my adapters/face.bin' --fast-mode on"),
 ])
 def test_the_download_command_keeps_the_weight_flags_and_download_accepts_them(argv, command, capsys):
-    assert app.download_command(argv) == command
+    from infinite_id.models.options import download_command
+
+    assert download_command(argv) == command
     app.parse_args(argv)  # the app takes them ...
     from infinite_id.models.options import download_main
 
     words = shlex.split(command)[4:]
     if "--adapter-path" not in words:  # ... and so does download (a file of one's own must exist to be planned)
         assert download_main([*words, "--dry-run"]) == 0
+
+
+@pytest.mark.parametrize("command", [["generate", "--photo", "me.jpg", "--prompt", "a chef --adapter x", "--seed", "3"],
+                                     ["compare", "--photo", "me.jpg"], ["verify-weights", "--no-examples"]])
+def test_the_cli_names_the_download_command_for_its_own_weight_flags(tmp_path, command):
+    """The CLI commands that load weights, started offline without them and with weight flags among their own,
+    name the download command with the weight flags only (a quoted prompt that mentions a flag stays a prompt)."""
+    pytest.importorskip("infinite_id.models.loading")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "INFINITE_ID_FACE_ROOT": str(tmp_path / "faces"), "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "infinite_id", *command, "--license-clean", "--memory-mode", "model"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    commands = [c for c in re.findall(r"`([^`]+)`", done.stderr) if c.startswith("python")]
+    assert commands == ["python -m infinite_id download --memory-mode model --license-clean"], done.stderr
 
 
 def test_a_start_does_not_tell_people_to_install_torchvision():

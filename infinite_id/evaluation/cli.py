@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..method.pipeline import METHODS
+from ..models.options import for_this_start
 from .metrics import DEFAULT_CLIP_MODEL, ClipScorer, FaceNetEmbedder, tiny_clip_scorer
 from .report import ImageRecord
 from .run import DEFAULT_METHODS, DEFAULT_SEEDS, evaluate
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, subjects, prompts)
     except (ValueError, FileNotFoundError) as error:  # missing weights, a reference photo without a face
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {for_this_start(error, argv)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ncancelled (per_image.csv holds every image scored so far)", file=sys.stderr)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..models.options import for_this_start
 from ..service.grid import labelled_grid
 from ..service.outputs import SOFTWARE
 from .metrics import ClipScorer, clip_text_score, face_score, largest_face, tiny_clip_scorer
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except (ValueError, FileNotFoundError) as error:  # missing weights (the start-up check's list), bad photos
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {for_this_start(error, argv)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ncancelled", file=sys.stderr)
