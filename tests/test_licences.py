@@ -244,3 +244,66 @@ def test_training_takes_the_recognizer_and_records_it(tmp_path):
     # The tiny engine's embeddings come from a random recognizer, whatever the config says: recorded as such.
     with pytest.raises(LicenceError, match="was trained on tiny random recognizer face embeddings"):
         licences.check_checkpoint(path)
+
+
+# --- the whole clean path, loaded and run -------------------------------------------------------------------------
+
+
+def _snapshot(cache: Path, repo_id: str) -> Path:
+    """The snapshot folder of ``repo_id`` in a Hugging Face cache laid out as huggingface_hub writes it."""
+    folder = cache / f"models--{repo_id.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    return folder / "snapshots" / ("0" * 40)
+
+
+def test_a_clean_setup_loads_from_the_hub_cache_and_gives_images(tmp_path, monkeypatch):
+    """The success path of --license-clean: SDXL base, h94's ViT-H and Plus-Face found in the hub cache under their
+    own repositories (tiny random stand-ins, saved as the hub lays them out), MTCNN, and AuraFace's recognizer (the
+    synthetic recognizer stands in: the SHA-256 the check wants is pointed at it). It loads with MTCNN and that
+    recognizer, every model it lists permits commercial use, and a real photo gives an image."""
+    import hashlib
+
+    import numpy as np
+    from diffusers import StableDiffusionXLPipeline
+    from PIL import Image
+    from safetensors.torch import save_file
+    from skimage import data
+
+    from infinite_id import service, testing
+    from infinite_id.models.loading import load_pipeline
+    from infinite_id.models.tiny_adapters import tiny_adapter_state
+
+    cache = tmp_path / "hf"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny = testing.tiny_pipeline(face_analyzer=None)
+    StableDiffusionXLPipeline(
+        vae=tiny.vae, text_encoder=tiny.text_encoder, text_encoder_2=tiny.text_encoder_2, tokenizer=tiny.tokenizer,
+        tokenizer_2=tiny.tokenizer_2, unet=tiny.unet, scheduler=tiny.scheduler,
+    ).save_pretrained(base := _snapshot(cache, hub.DEFAULT_BASE_MODEL), variant="fp16")
+    for folder in ("tokenizer", "tokenizer_2"):  # transformers saves tokenizer.json; the hub's repo has these too
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(testing.TOKENIZER_DIR / name, base / folder / name)
+        (base / folder / "special_tokens_map.json").write_text("{}")
+    adapters = _snapshot(cache, "h94/IP-Adapter")
+    tiny.image_encoder.save_pretrained(adapters / "models" / "image_encoder")
+    state = tiny_adapter_state(tiny, "plus-face")
+    (adapters / "sdxl_models").mkdir(parents=True)
+    save_file({f"{part}.{key}": value.contiguous() for part, values in state.items() for key, value in values.items()},
+              adapters / "sdxl_models" / "ip-adapter-plus-face_sdxl_vit-h.safetensors")
+    root, pack = synthetic_pack_root(0)
+    (tmp_path / "faces" / "models" / "auraface").mkdir(parents=True)
+    recognizer = Path(shutil.copy(root / "models" / pack / RECOGNIZER_FILE,
+                                  tmp_path / "faces" / "models" / "auraface" / "glintr100.onnx"))
+    monkeypatch.setattr(licences, "AURAFACE_SHA256", hashlib.sha256(recognizer.read_bytes()).hexdigest())
+
+    pipe = load_pipeline(models=CLEAN, device="cpu", dtype="fp32", face_root=str(tmp_path / "faces"))
+    assert pipe.weights_info["license_clean"] and pipe.weights_info["kind"] == "plus-face"
+    assert pipe.face_analyzer.detector_name == "MTCNN" and pipe.face_analyzer.recognizer_file == recognizer
+    permissive = {item.row for item in KNOWN.values() if item.commercial}
+    assert set(licences.licence_rows(CLEAN)) <= permissive
+    identity = service.IdentityCache().encode(pipe, Image.fromarray(data.astronaut()))
+    request = service.GenerationRequest("a portrait", num_inference_steps=2, width=64, height=64, seed=1)
+    result = service.generate(pipe, request, identity)
+    assert len(result.images) == 1 and np.asarray(result.images[0].image).std() > 0
