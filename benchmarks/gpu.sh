@@ -100,7 +100,8 @@ speed() {  # speed NAME NEEDS CAP ARGS...: benchmarks/speed.py with the common f
 if [ "$TESTS" = 1 ]; then
   # The gpu-marked tests only, with full tracebacks and every outcome listed (-rA); kept in tests.txt.
   run tests 60 150 env HF_HUB_OFFLINE=1 "$PY" -m pytest -m gpu -rA --tb=long -p no:cacheprovider \
-    -o addopts="" tests/test_speed_options.py tests/test_backends.py tests/test_tiers.py
+    -o addopts="" tests/test_speed_options.py tests/test_backends.py tests/test_tiers.py \
+    tests/test_verify.py
   cp "$OUT/steps/tests.log" "$OUT/tests.txt" 2>/dev/null
   grep -E "^(PASSED|FAILED|SKIPPED|ERROR)|passed|failed" "$OUT/steps/tests.log" | tail -n 20 | sed 's/^/   | /'
 fi

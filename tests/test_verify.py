@@ -84,3 +84,29 @@ def test_verify_weights_offline_fails_with_the_missing_files(tmp_path):
     for what in ("base model", "identity adapter"):
         assert f"- {what}:" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+def test_the_reference_runs_while_our_unet_waits_on_the_cpu(monkeypatch):
+    """On a GPU, verify-weights holds one UNet on the device at a time: diffusers' copy while the reference runs
+    (ours parked on the CPU), then ours again."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    engine = load_engine("tiny", adapter="faceid-plusv2")
+    engine.pipe.to("cuda")
+    seen = []
+    build = vf.build_reference
+
+    def watched(pipe, adapter_file, device=None):
+        reference = build(pipe, adapter_file, device=device)
+        seen.append((pipe.unet.device.type, reference.pipe.unet.device.type))
+        return reference
+
+    monkeypatch.setattr(vf, "build_reference", watched)
+    faces = vf._faces(engine.face_analyzer, vf.example_photos("tiny")[:1])
+    call = dict(num_inference_steps=2, guidance_scale=5.0, height=64, width=64)
+    images, has_lora = vf._reference_images(engine.pipe, faces, ["a photo of a person"], [0], call)
+    assert seen == [("cpu", "cuda")] and has_lora
+    assert engine.pipe.unet.device.type == "cuda" and len(images) == 1

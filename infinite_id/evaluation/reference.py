@@ -67,10 +67,11 @@ class DiffusersReference:
         return ref(prompt, ip_adapter_image_embeds=[embeds], num_images_per_prompt=n, **kwargs)
 
 
-def build_reference(pipe, adapter_file: str | Path) -> DiffusersReference:
+def build_reference(pipe, adapter_file: str | Path, device: torch.device | None = None) -> DiffusersReference:
     """diffusers' ``StableDiffusionXLPipeline`` on ``pipe``'s components with ``adapter_file`` loaded by
     ``load_ip_adapter`` (from its local folder; nothing is downloaded). The UNet is a copy: diffusers' loader
-    changes the UNet it loads into."""
+    changes the UNet it loads into. ``device``: where the copy works (the copy is made where ``pipe.unet`` is,
+    which may be the CPU while the reference runs; ``verify-weights`` parks it there)."""
     from diffusers import StableDiffusionXLPipeline
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -94,5 +95,7 @@ def build_reference(pipe, adapter_file: str | Path) -> DiffusersReference:
     ref.set_progress_bar_config(disable=True)
     ref.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None,
                         local_files_only=True)
+    if device is not None:
+        ref.unet.to(device)  # with the adapter's projection and LoRA layers diffusers added to it
     has_lora = FACEID_LORA in (getattr(ref.unet, "peft_config", None) or {})
     return DiffusersReference(ref, kind, has_lora)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import sys
 import time
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..models.device import empty_cache
 from ..models.options import for_this_start
 from ..service.grid import labelled_grid
 from ..service.outputs import SOFTWARE
@@ -125,51 +127,47 @@ def _pixels(a: Image.Image, b: Image.Image) -> float:
 
 
 def verify_weights(engine, scorer: ClipScorer, photos: list[Path], out_dir: str | Path, *, seeds=DEFAULT_SEEDS,
-           prompts=PROMPTS, class_word: str = "person", steps: int | None = None, guidance: float | None = None,
-           size: int | None = None, on_image=None) -> dict:
+                   prompts=PROMPTS, class_word: str = "person", steps: int | None = None, guidance: float | None = None,
+                   size: int | None = None, on_image=None) -> dict:
     """Generate and score every (photo, prompt, seed, setting); write the table, CSV, grid and JSON. Returns the
-    summary that ``verify.json`` holds."""
+    summary that ``verify.json`` holds. The reference's images come first, in a pass of their own (see
+    ``_reference_images``), so the check needs the memory of one UNet."""
     pipe, analyzer = engine.pipe, engine.face_analyzer
-    adapter_file = getattr(pipe, "adapter_file", None)
-    if adapter_file is None:
-        raise ValueError("The loaded pipeline records no adapter file, so the diffusers reference cannot load it.")
-    reference = build_reference(pipe, adapter_file)
-    settings = settings_for(pipe, reference.has_lora)
     faces = _faces(analyzer, photos)
     side = size or int(pipe.default_sample_size * pipe.vae_scale_factor)
     call = dict(num_inference_steps=steps or engine.steps, guidance_scale=engine.guidance if guidance is None
                 else guidance, height=side, width=side)
-    s_scale = float(getattr(pipe.id_encoder, "s_scale", 1.0))
+    texts = [template.replace("{class}", class_word) for template in prompts]
+    references, has_lora = _reference_images(pipe, faces, texts, seeds, call)
+    settings = settings_for(pipe, has_lora)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records, cells = [], {}
-    total = len(faces) * len(prompts) * len(seeds) * len(settings)
+    total = len(faces) * len(texts) * len(seeds) * len(settings)
     for photo_name, face in faces:
         features = {}  # identity features per CLIP channel order, encoded once per photo
-        for p_index, template in enumerate(prompts):
-            prompt = template.replace("{class}", class_word)
+        for p_index, prompt in enumerate(texts):
             text_embed = scorer.text_embeds([prompt])
             for seed in seeds:
-                reference_image = None
+                reference_image, reference_seconds = references[photo_name, p_index, seed]
                 for setting in settings:
                     started = time.perf_counter()
-                    generator = torch.Generator("cpu").manual_seed(int(seed))
                     if setting.reference:
-                        image = reference(prompt, face, s_scale=s_scale, generator=generator, **call).images[0]
-                        reference_image = image
+                        image, seconds = reference_image, reference_seconds
                     else:
                         order = setting.knobs.get("clip_channel_order")
                         if order not in features:
                             features[order] = pipe.encode_identity(face, clip_channel_order=order)
                         knobs = {k: v for k, v in setting.knobs.items() if k != "clip_channel_order"}
+                        generator = torch.Generator("cpu").manual_seed(int(seed))
                         image = pipe(prompt, id_embeds=features[order], generator=generator, **call, **knobs).images[0]
+                        seconds = time.perf_counter() - started  # generating only, as the reference's
                     found = largest_face(analyzer, image)
                     record = Record(
                         setting.name, photo_name, prompt, int(seed),
                         face_score(None if found is None else found.embedding, face.embedding),
                         float(clip_text_score(scorer.image_embeds([image]), text_embed)[0]),
-                        None if reference_image is None or setting.reference else _pixels(image, reference_image),
-                        time.perf_counter() - started)
+                        None if setting.reference else _pixels(image, reference_image), seconds)
                     records.append(record)
                     if photo_name == faces[0][0] and seed == seeds[0]:
                         cells[setting.name, p_index] = (image, record)
@@ -178,6 +176,41 @@ def verify_weights(engine, scorer: ClipScorer, photos: list[Path], out_dir: str 
     summary = summarize(records, settings)
     _write(out_dir, records, settings, summary, cells, prompts, class_word, faces[0], call, engine)
     return summary
+
+
+def _reference_images(pipe, faces, prompts, seeds, call) -> tuple[dict, bool]:
+    """diffusers' images for every (photo, prompt index, seed), with the seconds each took, and whether diffusers
+    loaded the adapter's LoRA. Meanwhile our UNet waits on the CPU and only the reference's copy is on the device,
+    so this needs the memory of one UNet, not two (a pipeline under offload hooks places its modules itself: it
+    is left alone and needs both)."""
+    adapter_file = getattr(pipe, "adapter_file", None)
+    if adapter_file is None:
+        raise ValueError("The loaded pipeline records no adapter file, so the diffusers reference cannot load it.")
+    device = pipe._execution_device
+    park = device.type != "cpu" and getattr(pipe, "weights_info", {}).get("memory_mode", "none") == "none"
+    if park:
+        pipe.unet.to("cpu")
+    try:
+        return _run_reference(pipe, adapter_file, device, faces, prompts, seeds, call)
+    finally:
+        if park:  # the reference (its UNet copy) is gone with _run_reference's frame: ours comes back
+            gc.collect()
+            empty_cache(device)
+            pipe.unet.to(device)
+
+
+def _run_reference(pipe, adapter_file, device, faces, prompts, seeds, call) -> tuple[dict, bool]:
+    reference = build_reference(pipe, adapter_file, device=device)
+    s_scale = float(getattr(pipe.id_encoder, "s_scale", 1.0))
+    images = {}
+    for photo_name, face in faces:
+        for p_index, prompt in enumerate(prompts):
+            for seed in seeds:
+                started = time.perf_counter()
+                generator = torch.Generator("cpu").manual_seed(int(seed))
+                image = reference(prompt, face, s_scale=s_scale, generator=generator, **call).images[0]
+                images[photo_name, p_index, seed] = (image, time.perf_counter() - started)
+    return images, reference.has_lora
 
 
 def _mean(values) -> float | None:
@@ -278,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m infinite_id verify-weights",
         description="On real weights: the adapter alone through diffusers (the reference) against ours, and "
                     "Infinite-ID with the LoRA on/off, each CLIP channel order and AdaIN-cross on/off. Writes a "
-                    "table and a grid and says which setting wins (docs/weights.md). Needs about twice the UNet's "
-                    "memory (the reference has its own UNet copy): run it with --memory-mode none.")
+                    "table and a grid and says which setting wins (docs/weights.md). The reference runs first, on its "
+                    "own UNet copy, while ours waits on the CPU: the memory of one UNet, as generating needs.")
     parser.add_argument("--photos", nargs="+", type=Path, default=[],
                         help="more photos of people (one face each) besides the examples in assets/")
     parser.add_argument("--no-examples", dest="examples", action="store_false",

@@ -117,7 +117,8 @@ def load_pipeline(
     # Plain attributes for the app/CLI: which weights are in use and the sampling defaults they imply.
     pipe.weights_info = {**info, "base_model": models.base_model, "device": device_plan.reason,
                          "fast_mode": mode.name if mode else "off", "attention": backend.name,
-                         "vram_tier": tier.name, "memory": tiers.describe(tier), "compile": compile_mode,
+                         "vram_tier": tier.name, "memory": tiers.describe(tier), "memory_mode": tier.memory_mode,
+                         "compile": compile_mode,
                          "license_clean": models.license_clean}
     pipe.sampling_defaults = fast_modes.sampling_defaults(models.fast_mode)
     # Where the adapter file is, for verify-weights' diffusers reference; kept out of weights_info, which goes into
