@@ -87,15 +87,27 @@ def test_verify_weights_offline_fails_with_the_missing_files(tmp_path):
 
 
 @pytest.mark.gpu
-def test_the_reference_runs_while_our_unet_waits_on_the_cpu(monkeypatch):
+def test_the_reference_runs_while_our_unet_waits_on_the_cpu(monkeypatch, tmp_path):
     """On a GPU, verify-weights holds one UNet on the device at a time: diffusers' copy while the reference runs
-    (ours parked on the CPU), then ours again."""
+    (ours parked on the CPU), then ours again. No face stack (the GPU machine may lack insightface): a face as
+    the reference reads it, an ArcFace-sized embedding and a CLIP crop."""
+    from types import SimpleNamespace
+
+    import numpy as np
     import torch
+    from PIL import Image
+
+    from infinite_id.models.tiny_adapters import load_tiny_adapter
+    from infinite_id.testing import tiny_pipeline
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    engine = load_engine("tiny", adapter="faceid-plusv2")
-    engine.pipe.to("cuda")
+    pipe = tiny_pipeline(face_analyzer=None)
+    load_tiny_adapter(pipe, "faceid-plusv2", tmp_path)
+    pipe.to("cuda")
+    embedding = np.random.default_rng(0).standard_normal(512).astype(np.float32)
+    face = SimpleNamespace(embedding=embedding / np.linalg.norm(embedding), embedding_norm=20.0,
+                           clip_crop=Image.new("RGB", (224, 224), (120, 90, 80)))
     seen = []
     build = vf.build_reference
 
@@ -105,8 +117,7 @@ def test_the_reference_runs_while_our_unet_waits_on_the_cpu(monkeypatch):
         return reference
 
     monkeypatch.setattr(vf, "build_reference", watched)
-    faces = vf._faces(engine.face_analyzer, vf.example_photos("tiny")[:1])
     call = dict(num_inference_steps=2, guidance_scale=5.0, height=64, width=64)
-    images, has_lora = vf._reference_images(engine.pipe, faces, ["a photo of a person"], [0], call)
+    images, has_lora = vf._reference_images(pipe, [("face", face)], ["a photo of a person"], [0], call)
     assert seen == [("cpu", "cuda")] and has_lora
-    assert engine.pipe.unet.device.type == "cuda" and len(images) == 1
+    assert pipe.unet.device.type == "cuda" and len(images) == 1
