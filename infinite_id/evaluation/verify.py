@@ -144,10 +144,11 @@ def verify_weights(engine, scorer: ClipScorer, photos: list[Path], out_dir: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     records, cells = [], {}
     total = len(faces) * len(texts) * len(seeds) * len(settings)
+    text_embeds = [scorer.text_embeds([prompt]) for prompt in texts]  # once per prompt, for every photo
     for photo_name, face in faces:
         features = {}  # identity features per CLIP channel order, encoded once per photo
         for p_index, prompt in enumerate(texts):
-            text_embed = scorer.text_embeds([prompt])
+            text_embed = text_embeds[p_index]
             for seed in seeds:
                 reference_image, reference_seconds = references[photo_name, p_index, seed]
                 for setting in settings:

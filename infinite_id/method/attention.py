@@ -68,15 +68,6 @@ class IDCall:
         return self.mix_layers is None or layer.startswith(tuple(self.mix_layers))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
-              backend=SDPA) -> torch.Tensor:
-    """Scaled dot-product attention on ``[batch, heads, tokens, head_dim]``; ``bias`` is added to the logits.
-
-    ``backend`` (``method.backends``) is chosen once when the pipeline is built and travels with the processors;
-    nothing is looked up per call."""
-    return backend(q, k, v, bias)
-
-
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     b, n, c = x.shape
     return x.view(b, n, heads, c // heads).transpose(1, 2)

@@ -12,10 +12,9 @@ import gradio as gr
 
 from .. import service as gen
 from ..config import SETTINGS
-from .generate_tab import DEFAULT_PROMPT, PRIVATE
-from .queue import GPU
+from .generate_tab import DEFAULT_PROMPT
 from .services import Services
-from .widgets import PROGRESS, TabEvents, TabSettings, by_position, identity_note, on_gpu, photo_input
+from .widgets import PRIVATE, PROGRESS, TabEvents, TabSettings, gpu_run, identity_note, photo_input
 
 TAB = "compare"
 MODES = [("The three methods side by side", "methods"), ("A grid of likeness × prompt strengths", "strengths"),
@@ -137,21 +136,8 @@ def build(services: Services, settings: TabSettings) -> TabEvents:
                 out = _outputs(settings)
         timer = gr.Timer(1.0, active=False)
 
-    def view(request: gr.Request):
-        return services.view(request, TAB)
-
-    def begin(request: gr.Request):
-        return services.begin(request, TAB)
-
     ui.mode.change(mode_controls, ui.mode, [ui.style, ui.strengths, ui.styles], queue=False, **PRIVATE)
-    timer.tick(view, None, [ui.status, timer], queue=False, **PRIVATE)
-    run = ui.run.click(begin, None, [ui.status, timer], queue=False, **PRIVATE).then(
-        on_gpu(handlers.compare, duration=300),
-        [ui.photo, ui.prompt, ui.mode, ui.style, ui.styles, ui.ids, ui.sems, ui.aspect, ui.steps, ui.guidance,
-         ui.seed, ui.randomize, ui.face],
-        [out.grid, out.gallery, out.files, out.info, ui.seed],
-        api_name="compare", concurrency_id=GPU, concurrency_limit=settings.gpu_limit, show_progress="hidden",
-    )
-    for after in (run.then, run.failure):  # Gradio runs .then() steps after a success only
-        after(view, None, [ui.status, timer], queue=False, **PRIVATE)
-    return TabEvents(run=run, stop=ui.stop, units=by_position(handlers.compare, units))
+    inputs = [ui.photo, ui.prompt, ui.mode, ui.style, ui.styles, ui.ids, ui.sems, ui.aspect, ui.steps, ui.guidance,
+              ui.seed, ui.randomize, ui.face]
+    return gpu_run(services, TAB, settings, ui, timer, handlers.compare, inputs,
+                   [out.grid, out.gallery, out.files, out.info, ui.seed], api_name="compare", units=units, duration=300)

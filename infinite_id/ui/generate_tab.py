@@ -14,16 +14,24 @@ import gradio as gr
 from .. import service as gen
 from ..config import SETTINGS
 from ..images import load_image
-from .queue import GPU
 from .services import Services
-from .widgets import PROGRESS, TabEvents, TabSettings, by_position, identity_note, on_gpu, photo_input, user_errors
+from .widgets import (
+    PRIVATE,
+    PROGRESS,
+    TabEvents,
+    TabSettings,
+    gpu_run,
+    identity_note,
+    photo_input,
+    status_events,
+    user_errors,
+)
 
 TAB = "generate"
 FACE_THUMBNAIL = 128
 METHODS = [("Infinite-ID (recommended)", "infinite-id"), ("Adapter baseline, for comparison", "adapter"),
            ("Prompt only, no face", "text")]
 DEFAULT_PROMPT = "a person wearing a yellow sweater in Times Square"
-PRIVATE = {"api_visibility": "private", "show_progress": "hidden"}
 
 
 def units(steps=30, num_images=1, method="infinite-id", fast=False, **_) -> float:
@@ -214,12 +222,7 @@ def build(services: Services, settings: TabSettings) -> TabEvents:
                         elem_id="generate-examples")
         timer = gr.Timer(1.0, active=False)
 
-    def view(request: gr.Request):
-        return services.view(request, TAB)
-
-    def begin(request: gr.Request):
-        return services.begin(request, TAB)
-
+    _, view = status_events(services, TAB)
     detect = ui.photo.change(handlers.detect_faces, ui.photo, [ui.faces, ui.face_index, ui.face_summary],
                              api_name="detect_faces", concurrency_id="faces", concurrency_limit=2,
                              show_progress="hidden")
@@ -234,14 +237,8 @@ def build(services: Services, settings: TabSettings) -> TabEvents:
     ui.style.change(settings.recommended_strength, ui.style, ui.style_strength, queue=False, **PRIVATE)
     ui.show_text.change(lambda on: gr.Gallery(visible=bool(on)), ui.show_text, out.text_gallery, queue=False,
                         **PRIVATE)
-    timer.tick(view, None, [ui.status, timer], queue=False, **PRIVATE)
     inputs = [ui.photo, ui.prompt, ui.style, ui.aspect, ui.negative, ui.id_scale, ui.semantic_scale,
               ui.style_strength, ui.mix_start, ui.mix_end, ui.steps, ui.guidance, ui.seed, ui.randomize,
               ui.num_images, ui.method, ui.fast, ui.show_text, ui.face_index, ui.extra_photos, ui.lora_scale]
-    run = ui.run.click(begin, None, [ui.status, timer], queue=False, **PRIVATE).then(
-        on_gpu(handlers.generate), inputs, [out.gallery, out.text_gallery, out.info, out.files, ui.seed],
-        api_name="generate", concurrency_id=GPU, concurrency_limit=settings.gpu_limit, show_progress="hidden",
-    )
-    for after in (run.then, run.failure):
-        after(view, None, [ui.status, timer], queue=False, **PRIVATE)
-    return TabEvents(run=run, stop=ui.stop, units=by_position(handlers.generate, units))
+    return gpu_run(services, TAB, settings, ui, timer, handlers.generate, inputs,
+                   [out.gallery, out.text_gallery, out.info, out.files, ui.seed], api_name="generate", units=units)

@@ -8,10 +8,8 @@ import gradio as gr
 
 from .. import service as gen
 from ..config import SETTINGS
-from .generate_tab import PRIVATE
-from .queue import GPU
 from .services import Services
-from .widgets import PROGRESS, TabEvents, TabSettings, by_position, identity_note, on_gpu, photo_input
+from .widgets import PROGRESS, TabEvents, TabSettings, gpu_run, identity_note, photo_input
 
 TAB = "mix"
 
@@ -94,19 +92,6 @@ def build(services: Services, settings: TabSettings) -> TabEvents:
                         elem_id="mix-examples")
         timer = gr.Timer(1.0, active=False)
 
-    def view(request: gr.Request):
-        return services.view(request, TAB)
-
-    def begin(request: gr.Request):
-        return services.begin(request, TAB)
-
-    timer.tick(view, None, [ui.status, timer], queue=False, **PRIVATE)
-    run = ui.run.click(begin, None, [ui.status, timer], queue=False, **PRIVATE).then(
-        on_gpu(handlers.mix),
-        [ui.a, ui.b, ui.weight, ui.prompt, ui.style, ui.aspect, ui.steps, ui.guidance, ui.seed, ui.randomize],
-        [gallery, info, files, ui.seed],
-        api_name="mix", concurrency_id=GPU, concurrency_limit=settings.gpu_limit, show_progress="hidden",
-    )
-    for after in (run.then, run.failure):  # Gradio runs .then() steps after a success only
-        after(view, None, [ui.status, timer], queue=False, **PRIVATE)
-    return TabEvents(run=run, stop=ui.stop, units=by_position(handlers.mix, units))
+    inputs = [ui.a, ui.b, ui.weight, ui.prompt, ui.style, ui.aspect, ui.steps, ui.guidance, ui.seed, ui.randomize]
+    return gpu_run(services, TAB, settings, ui, timer, handlers.mix, inputs, [gallery, info, files, ui.seed],
+                   api_name="mix", units=units)

@@ -14,7 +14,11 @@ from urllib.parse import unquote_to_bytes
 
 import gradio as gr
 
+from .queue import GPU
+
 logger = logging.getLogger("infinite_id.app")
+# Steps that only update the page: no API endpoint, no spinner.
+PRIVATE = {"api_visibility": "private", "show_progress": "hidden"}
 
 # Gradio finds a handler's progress tracker by its default value. A default is built once either way, and the
 # tracker keeps no per-call state for (done, total) updates (the event comes from a context variable).
@@ -143,3 +147,34 @@ def by_position(handler: Callable, estimate: Callable[..., float]) -> Callable[[
     parameter order."""
     names = [n for n in inspect.signature(handler).parameters if n not in ("request", "progress")]
     return lambda data: estimate(**dict(zip(names, data)))
+
+
+def status_events(services, tab: str) -> tuple[Callable, Callable]:
+    """``(begin, view)`` for ``tab``'s status line: ``begin`` says at once that a job was sent, ``view`` shows the
+    line now (queue place, progress, or how the job ended) and whether the page should keep asking."""
+
+    def begin(request: gr.Request):
+        return services.begin(request, tab)
+
+    def view(request: gr.Request):
+        return services.view(request, tab)
+
+    return begin, view
+
+
+def gpu_run(services, tab: str, settings: TabSettings, ui, timer: gr.Timer, handler: Callable, inputs: list,
+            outputs: list, *, api_name: str, units: Callable[..., float], duration: int = 120) -> TabEvents:
+    """A tab's Run button, wired the same way in every tab: the status line says the job was sent (at once, off
+    the queue), ``handler`` takes the GPU slot, and the line shows how the job ended after a success and after an
+    error alike (Gradio runs ``.then()`` steps after a success only); ``timer`` refreshes it meanwhile. ``ui``
+    has ``run``, ``stop`` and ``status``."""
+    begin, view = status_events(services, tab)
+    status = [ui.status, timer]
+    timer.tick(view, None, status, queue=False, **PRIVATE)
+    run = ui.run.click(begin, None, status, queue=False, **PRIVATE).then(
+        on_gpu(handler, duration), inputs, outputs, api_name=api_name, concurrency_id=GPU,
+        concurrency_limit=settings.gpu_limit, show_progress="hidden",
+    )
+    for after in (run.then, run.failure):
+        after(view, None, status, queue=False, **PRIVATE)
+    return TabEvents(run=run, stop=ui.stop, units=by_position(handler, units))
