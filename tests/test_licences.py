@@ -14,7 +14,7 @@ import pytest
 
 from infinite_id.config import ModelSettings, model_settings_from_env
 from infinite_id.faces.tiny_pack import DETECTOR_FILE, RECOGNIZER_FILE, synthetic_pack_root
-from infinite_id.models import hub, licences
+from infinite_id.models import fetching, hub, licences
 from infinite_id.models.licences import KNOWN, LicenceError
 from infinite_id.models.options import settings_from_args
 
@@ -166,7 +166,7 @@ def test_download_dry_run_lists_only_clean_files():
 
 def test_startup_check_names_the_clean_files_it_misses(tmp_path):
     with pytest.raises(hub.MissingWeightsError) as info:
-        hub.startup_check(CLEAN, fp16=True, face_root=tmp_path, cache_dir=tmp_path / "cache", local_files_only=True)
+        fetching.startup_check(CLEAN, fp16=True, face_root=tmp_path, cache_dir=tmp_path / "cache", local_files_only=True)
     assert "glintr100.onnx (from fal/AuraFace-v1" in str(info.value)
 
 

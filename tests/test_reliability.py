@@ -410,12 +410,11 @@ def test_a_step_past_the_time_limit_is_cut_with_a_sentence(parallel, client, gol
 
 def test_missing_face_models_stop_the_app_at_start_up_not_on_a_request(tmp_path, monkeypatch, capsys):
     pytest.importorskip("infinite_id.models.loading")
-    from infinite_id.models import hub as hub
-    from infinite_id.models import loading
+    from infinite_id.models import fetching, loading
 
-    real_check = hub.startup_check
+    real_check = fetching.startup_check
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hub, "startup_check", lambda models=None, **kw: real_check(
+    monkeypatch.setattr(fetching, "startup_check", lambda models=None, **kw: real_check(
         models, **{**kw, "face_root": tmp_path / "faces", "cache_dir": tmp_path / "hub"}))
     monkeypatch.setattr(loading, "load_pipeline", lambda **kw: pytest.fail("a model was loaded"))
     monkeypatch.setattr(app.gr.Blocks, "launch", lambda *a, **kw: pytest.fail("the server started"))

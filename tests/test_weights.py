@@ -17,16 +17,10 @@ from infinite_id.config import ModelSettings, model_settings_from_env
 from infinite_id.method.attention import check_installed
 from infinite_id.method.checkpoint import save_checkpoint
 from infinite_id.models import device as dev
-from infinite_id.models import hub as hub
+from infinite_id.models import fetching, hub
 from infinite_id.models.fast import FAST_MODES, apply_fast_mode, fast_mode, sampling_defaults
-from infinite_id.models.hub import (
-    Location,
-    MissingWeightsError,
-    Needed,
-    plan_files,
-    resolve,
-    startup_check,
-)
+from infinite_id.models.fetching import startup_check
+from infinite_id.models.hub import Location, MissingWeightsError, Needed, plan_files, resolve
 from infinite_id.models.options import add_model_arguments, download_main, settings_from_args
 from infinite_id.testing import CROSS_DIM, VISION_DIM, tiny_pipeline
 
@@ -177,13 +171,13 @@ def test_startup_check_passes_when_everything_is_here(cache, tmp_path, no_networ
         else:
             put_in_cache(cache, item.repo_id, item.filename)
     startup_check(DEFAULTS, fp16=True, face_root=tmp_path)
-    assert hub.fetch(files[0]) == hub.find_local(files[0])  # cached: no download attempted
+    assert fetching.fetch(files[0]) == fetching.find_local(files[0])  # cached: no download attempted
 
 
 def test_offline_fetch_never_downloads(cache, no_network):
     item = Needed("identity adapter", "ip-adapter.bin", repo_id="InstantX/InstantID")
     with pytest.raises(MissingWeightsError, match="identity adapter: ip-adapter.bin \\(from InstantX/InstantID"):
-        hub.fetch(item)
+        fetching.fetch(item)
 
 
 def test_download_fetches_only_what_is_missing(tmp_path, monkeypatch, capsys):
@@ -210,7 +204,7 @@ def test_download_fetches_only_what_is_missing(tmp_path, monkeypatch, capsys):
         return item.local
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    monkeypatch.setattr(hub, "_insightface_fetch", fake_insightface)
+    monkeypatch.setattr(fetching, "_insightface_fetch", fake_insightface)
     args = ["--adapter", "instantid", "--dtype", "fp16", "--face-root", str(tmp_path / "faces")]
     put_in_cache(cache, "InstantX/InstantID", "ip-adapter.bin")
     assert download_main(args) == 0

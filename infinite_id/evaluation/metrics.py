@@ -99,7 +99,8 @@ class ClipScorer:
         raises ``MissingWeightsError`` saying how to fetch it."""
         from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-        from ..models.hub import MissingWeightsError, offline_requested
+        from ..models.fetching import offline_requested
+        from ..models.hub import MissingWeightsError
 
         offline = offline_requested(local_files_only)
         try:

@@ -352,7 +352,7 @@ def _run(args: argparse.Namespace) -> int:
         engine = load_engine("tiny", adapter=args.adapter or "faceid-plusv2")
         scorer = tiny_clip_scorer() if args.clip_model is None else ClipScorer.from_pretrained(args.clip_model)
     else:
-        from ..models.hub import startup_check
+        from ..models.fetching import startup_check
         from ..models.options import settings_from_args
 
         startup_check(settings_from_args(args))  # offline and missing: one message listing every missing file

@@ -128,7 +128,8 @@ def load_engine(engine: str = "real", *, models=None, seed: int = 0, adapter: st
         return Engine("tiny", pipe, analyzer)
     if engine != "real":
         raise ValueError(f"The engine must be one of {', '.join(ENGINES)}; got {engine!r}.")
-    from .hub import MissingWeightsError, offline_requested, startup_check
+    from .fetching import offline_requested, startup_check
+    from .hub import MissingWeightsError
     from .loading import load_pipeline
 
     try:

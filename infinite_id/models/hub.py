@@ -1,16 +1,17 @@
-"""Where every weight file comes from, whether it is here, and how to fetch it (DESIGN 5).
+"""Where every weight file comes from (DESIGN 5): the *plan*.
 
 A *location* is a hub reference -- ``owner/repo``, ``owner/repo/subfolder`` or ``owner/repo/path/file`` -- or a
 local folder or file. From the model settings (``config.ModelSettings``: arguments > CLI flags > environment >
-defaults) this module makes a *plan*: every file the app needs, with its source. The plan drives three things:
+defaults) this module makes a *plan*: every file the app needs, with its source. ``fetching`` (beside this module)
+reads the plan against this machine and fetches what is missing; the plan drives three things:
 
 * ``python -m infinite_id download [--all|--adapter NAME] [--dry-run]`` fetches what is missing through
   huggingface_hub (standard cache, progress bars, resumed downloads); ``--dry-run`` lists every file, its source
   and whether it is cached, without any network access (``try_to_load_from_cache`` only).
-* ``startup_check`` raises one ``MissingWeightsError`` listing everything missing, where it looked and the command
-  that fixes it, before the app or the CLI serves anything.
-* ``fetch_*`` give ``loading.load_pipeline`` local paths, with ``local_files_only`` when offline
-  (``HF_HUB_OFFLINE=1`` or the ``local_files_only`` argument).
+* ``fetching.startup_check`` raises one ``MissingWeightsError`` listing everything missing, where it looked and the
+  command that fixes it, before the app or the CLI serves anything.
+* ``fetching.local_folder``/``local_file`` give ``loading.load_pipeline`` local paths, with ``local_files_only`` when
+  offline (``HF_HUB_OFFLINE=1`` or the ``local_files_only`` argument).
 
 insightface packs are not hub repos. buffalo_l comes from insightface's own downloader (its GitHub release zip);
 antelopev2 from the hub mirror most InstantID/PuLID code uses (``DIAMONIK7777/antelopev2``, a community mirror:
@@ -226,13 +227,13 @@ def base_model_files(variant: str | None, with_vae: bool, weights: bool = True,
     return files
 
 
-def _folder_files(location: Location, role: str, names: Iterable[str]) -> list[Needed]:
+def folder_files(location: Location, role: str, names: Iterable[str]) -> list[Needed]:
     if location.local is not None:
         return [Needed(role, name, local=location.local / name) for name in names]
     return [Needed(role, f"{location.path}/{name}".strip("/"), repo_id=location.repo_id) for name in names]
 
 
-def _single(location: Location, role: str) -> Needed:
+def file_needed(location: Location, role: str) -> Needed:
     if location.local is not None:
         return Needed(role, location.local.name, local=location.local)
     return Needed(role, location.path, repo_id=location.repo_id)
@@ -284,12 +285,12 @@ def plan_files(resolved: Resolved, everything: bool = False, faces: bool = True)
         adapter_packs = {a.face_pack for a in ADAPTERS.values() if a.face_pack} | {SETTINGS.faces.pack}
         packs += [p for p in FACE_PACK_FILES if p in adapter_packs and p not in packs]
     for vae in vaes:
-        files += [_single(vae, "VAE")] if vae.is_file else _folder_files(
+        files += [file_needed(vae, "VAE")] if vae.is_file else folder_files(
             vae, "VAE", ["config.json", "diffusion_pytorch_model.safetensors"])
     if encoder is not None:
-        files += _folder_files(encoder, "CLIP image encoder", ["config.json", "model.safetensors"])
-    files += [_single(a, "identity adapter") for a in adapters]
-    files += [_single(lora, "fast-mode LoRA") for lora in loras]
+        files += folder_files(encoder, "CLIP image encoder", ["config.json", "model.safetensors"])
+    files += [file_needed(a, "identity adapter") for a in adapters]
+    files += [file_needed(lora, "fast-mode LoRA") for lora in loras]
     for pack in packs:
         files += face_pack_files(pack, resolved.face_root)
     return files
@@ -299,180 +300,9 @@ def _base_plan(resolved: Resolved, with_vae: bool) -> list[Needed]:
     base, variant = resolved.base, resolved.settings.variant
     if base.is_file:  # one .safetensors file: its configs and tokenizers come from the SDXL base repo
         configs = base_model_files(None, with_vae=True, weights=False)
-        return [_single(base, "base model (single file)"),
-                *_folder_files(Location(DEFAULT_BASE_MODEL), "base model configs", configs)]
+        return [file_needed(base, "base model (single file)"),
+                *folder_files(Location(DEFAULT_BASE_MODEL), "base model configs", configs)]
     if base.local is not None:  # a folder saved by diffusers: whichever variant it holds, the tokenizer essentials
         names = base_model_files(local_variant(base.local, variant), with_vae, True, ("tokenizer_config.json",))
-        return _folder_files(base, "base model", names)
-    return _folder_files(base, "base model", base_model_files(variant, with_vae))
-
-
-# --- cache state (never touches the network) --------------------------------------------------------------------
-
-
-def hub_cache_dir() -> Path:
-    """The huggingface_hub cache, read from the environment now (not at import), so tests and users can move it."""
-    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
-
-
-def offline_requested(local_files_only: bool | None = None) -> bool:
-    if local_files_only is not None:
-        return bool(local_files_only)
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def find_local(item: Needed, cache_dir: Path | None = None) -> Path | None:
-    """Where ``item`` is on this machine, or None. Only the filesystem and the hub cache are consulted."""
-    if item.local is not None and item.pack is not None:
-        return _face_file(item)
-    if item.repo_id is None:
-        return item.local if item.local is not None and item.local.exists() else None
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(item.repo_id, item.filename, cache_dir=str(cache_dir or hub_cache_dir()))
-    return Path(found) if isinstance(found, str) and Path(found).exists() else None
-
-
-def _face_file(item: Needed) -> Path | None:
-    folder = item.local.parent if item.filename != "*.onnx" else item.local
-    if item.filename == "*.onnx":
-        hits = sorted(folder.rglob("*.onnx")) if folder.is_dir() else []
-        return hits[0] if hits else None
-    if item.local.is_file():
-        return item.local
-    nested = sorted(folder.glob(f"*/{item.filename}")) if folder.is_dir() else []  # antelopev2's nested zip
-    return nested[0] if nested else None
-
-
-def missing_files(files: Iterable[Needed], cache_dir: Path | None = None) -> list[Needed]:
-    return [f for f in files if find_local(f, cache_dir) is None]
-
-
-def describe_missing(missing: list[Needed], cache_dir: Path, offline: bool,
-                     heading: str = "Infinite-ID cannot start") -> str:
-    """One readable paragraph and list: what is missing (grouped by role), where it was looked for, the fix."""
-    groups: dict[tuple[str, str], list[Needed]] = {}
-    for item in missing:
-        place = f"the Hugging Face cache {cache_dir}" if item.repo_id and item.pack is None else str(item.local.parent)
-        groups.setdefault((item.role, place), []).append(item)
-    n = len(missing)
-    lines = [f"{heading}: {n} weight file{'s' if n != 1 else ''} {'is' if n == 1 else 'are'} missing."]
-    for (role, place), items in groups.items():
-        origin = items[0].repo_id or items[0].url or "your local path"
-        names = ", ".join(i.filename for i in items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
-        lines.append(f"  - {role}: {names} (from {origin}; looked in {place})")
-    if offline:
-        lines.append("Offline mode is on (HF_HUB_OFFLINE=1 or local_files_only), so nothing is downloaded now.")
-    lines.append(f"Fix: run `{DOWNLOAD_COMMAND}` (on a machine with internet access; it fetches every file into the "
-                 "places above), or point the settings at local copies (see docs/weights.md), then start again.")
-    return "\n".join(lines)
-
-
-def startup_check(
-    models: ModelSettings | None = None,
-    *,
-    fp16: bool | None = None,
-    face_pack: str | None = None,
-    face_root: str | os.PathLike[str] | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    local_files_only: bool | None = None,
-) -> None:
-    """Raise ``MissingWeightsError`` listing every missing file, unless everything the app needs is here.
-
-    Run it before serving (app and CLI), so a missing file is a start-up message and not a failed first request.
-    It never downloads and never touches the network.
-    """
-    cache = Path(cache_dir).expanduser() if cache_dir else hub_cache_dir()
-    resolved = resolve(models, fp16=fp16, face_pack=face_pack, face_root=face_root)
-    missing = missing_files(plan_files(resolved), cache)
-    if missing:
-        raise MissingWeightsError(describe_missing(missing, cache, offline_requested(local_files_only)))
-
-
-# --- fetching ---------------------------------------------------------------------------------------------------
-
-
-def fetch(item: Needed, *, local_files_only: bool | None = None, cache_dir: Path | None = None) -> Path:
-    """A local path for ``item``: already there, or downloaded now (unless offline). MissingWeightsError otherwise."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-
-    cache = cache_dir or hub_cache_dir()
-    found = find_local(item, cache)
-    if found is not None:
-        return found
-    offline = offline_requested(local_files_only)
-    if offline:
-        raise MissingWeightsError(describe_missing([item], cache, offline=True))
-    try:
-        if item.url and item.pack:
-            return _insightface_fetch(item)
-        if item.repo_id is None:
-            raise MissingWeightsError(describe_missing([item], cache, offline=False))
-        if item.pack:  # a face pack from a hub mirror goes straight into the insightface folder
-            return Path(hf_hub_download(item.repo_id, item.filename, local_dir=str(item.local.parent)))
-        return Path(hf_hub_download(item.repo_id, item.filename, cache_dir=str(cache)))
-    except LocalEntryNotFoundError as exc:
-        raise MissingWeightsError(describe_missing([item], cache, offline=True) + f"\n({exc})") from None
-    except (EntryNotFoundError, HfHubHTTPError, OSError) as exc:
-        raise MissingWeightsError(
-            f"Could not download {item.source}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            f"\nCheck the network, the repository name, and (for gated repositories) `hf auth login`."
-        ) from None
-
-
-def _insightface_fetch(item: Needed) -> Path:
-    """insightface's own downloader: the pack's zip from its GitHub release, unpacked under ``root/models``."""
-    from insightface.utils.storage import download
-
-    root = item.local.parent.parent.parent
-    # force: only called when a file is missing, and insightface skips any existing folder, complete or not.
-    download("models", item.pack, force=True, root=str(root))
-    found = _face_file(item)
-    if found is None:
-        raise MissingWeightsError(f"insightface's download of {item.pack} did not produce {item.filename}.")
-    return found
-
-
-def fetch_all(files: Iterable[Needed], *, local_files_only: bool | None = None, cache_dir: Path | None = None,
-              heading: str = "Infinite-ID cannot start") -> dict[Needed, Path]:
-    """Fetch every file; a failure names every file that is still missing, not only the first."""
-    done, failed = {}, []
-    for item in files:
-        try:
-            done[item] = fetch(item, local_files_only=local_files_only, cache_dir=cache_dir)
-        except MissingWeightsError as exc:
-            failed.append((item, str(exc)))
-    if failed:
-        cache = cache_dir or hub_cache_dir()
-        offline = offline_requested(local_files_only)
-        message = describe_missing([item for item, _ in failed], cache, offline, heading)
-        network = [m for _, m in failed if m.startswith("Could not download")]
-        raise MissingWeightsError(message + ("\n" + network[0] if network else ""))
-    return done
-
-
-def local_folder(location: Location, names: list[str], *, local_files_only: bool | None = None,
-                 cache_dir: Path | None = None, role: str = "model") -> Path:
-    """A local folder holding ``names`` of ``location`` (fetched when needed): what ``from_pretrained`` reads."""
-    if location.local is not None:
-        missing = missing_files(_folder_files(location, role, names))
-        if missing:
-            raise MissingWeightsError(describe_missing(missing, cache_dir or hub_cache_dir(), False))
-        return location.local
-    paths = fetch_all(_folder_files(location, role, names), local_files_only=local_files_only, cache_dir=cache_dir)
-    # The folder is the first file's path minus that file's own relative path (hub files sit in one snapshot).
-    first = Path(next(iter(paths.values())))
-    return first.parents[len(Path(names[0]).parts) - 1]
-
-
-def local_file(location: Location, *, local_files_only: bool | None = None, cache_dir: Path | None = None,
-               role: str = "file") -> Path:
-    return fetch(_single(location, role), local_files_only=local_files_only, cache_dir=cache_dir)
+        return folder_files(base, "base model", names)
+    return folder_files(base, "base model", base_model_files(variant, with_vae))

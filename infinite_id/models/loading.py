@@ -26,7 +26,7 @@ from ..method.attention import fill_kv_cache, set_attention_backend
 from ..method.backends import resolve_backend
 from ..method.pipeline import InfiniteIDPipeline
 from . import fast as fast_modes  # module-qualified: load_pipeline's ``fast_mode`` argument shadows the name
-from . import hub, licences, tiers
+from . import fetching, hub, licences, tiers
 from .device import free_memory, plan
 
 logger = logging.getLogger(__name__)
@@ -79,17 +79,17 @@ def load_pipeline(
     tier = tiers.choose(models.vram_tier, free_memory(device_plan.device), models.memory_mode)
     compile_mode = _check_compile(models.compile, tier)
     resolved = hub.resolve(models, fp16=device_plan.dtype == torch.float16, face_pack=face_pack, face_root=face_root)
-    cache = Path(cache_dir).expanduser() if cache_dir else hub.hub_cache_dir()
-    fetch = {"local_files_only": local_files_only, "cache_dir": cache}
+    cache = Path(cache_dir).expanduser() if cache_dir else fetching.hub_cache_dir()
+    lookup = {"local_files_only": local_files_only, "cache_dir": cache}
 
     # 2. Everything present (or downloaded now) before loading anything: one complete message when not.
-    hub.fetch_all(hub.plan_files(resolved, faces=face_analyzer is True), **fetch)
+    fetching.fetch_all(hub.plan_files(resolved, faces=face_analyzer is True), **lookup)
 
     # 3-4. Components and the pipeline.
-    components = _base_components(resolved, device_plan.dtype, fetch)
+    components = _base_components(resolved, device_plan.dtype, lookup)
     if resolved.vae is not None:
-        components["vae"] = _load_vae(resolved.vae, device_plan.dtype, fetch)
-    encoder, processor = _image_encoder(resolved, device_plan.dtype, fetch)
+        components["vae"] = _load_vae(resolved.vae, device_plan.dtype, lookup)
+    encoder, processor = _image_encoder(resolved, device_plan.dtype, lookup)
     mode = fast_modes.fast_mode(models.fast_mode)
     components["scheduler"] = fast_modes.scheduler_for(None, components["scheduler"].config)
     pipe = InfiniteIDPipeline(
@@ -98,11 +98,11 @@ def load_pipeline(
     )
 
     # 5. The identity branch.
-    adapter_file, info = _identity_branch(pipe, resolved, models, fetch)
+    adapter_file, info = _identity_branch(pipe, resolved, models, lookup)
 
     # 6. Fast mode: a distilled LoRA fused into the UNet, and its scheduler.
     if mode is not None:
-        lora_file = hub.local_file(resolved.fast_lora, role="fast-mode LoRA", **fetch)
+        lora_file = fetching.local_file(resolved.fast_lora, role="fast-mode LoRA", **lookup)
         fast_modes.apply_fast_mode(pipe, mode, str(lora_file))
 
     # 7. Attention kernel, memory options and placement, compile; then the null identity's CLIP pass, on the device
@@ -132,9 +132,9 @@ def _settings(models: ModelSettings | None, **given) -> ModelSettings:
     return dataclasses.replace(models or SETTINGS.models, **{k: v for k, v in given.items() if v is not None})
 
 
-def _identity_branch(pipe: InfiniteIDPipeline, resolved, models: ModelSettings, fetch: dict) -> tuple[Path, dict]:
+def _identity_branch(pipe: InfiniteIDPipeline, resolved, models: ModelSettings, lookup: dict) -> tuple[Path, dict]:
     """Load the identity adapter into ``pipe``: (its file, what ``load_adapter`` says of it)."""
-    adapter_file = hub.local_file(resolved.adapter_file, role="identity adapter", **fetch)
+    adapter_file = fetching.local_file(resolved.adapter_file, role="identity adapter", **lookup)
     if models.license_clean and resolved.adapter.name == "infinite-id":
         licences.check_checkpoint(adapter_file)  # before it touches the pipeline
     # A file of one's own is checked against the adapter named for it, or recognised when none is named.
@@ -156,16 +156,16 @@ def _check_face_pack(pipe: InfiniteIDPipeline) -> None:
                          f"with --adapter so the right pack is chosen).")
 
 
-def _base_components(resolved: hub.Resolved, dtype: torch.dtype, fetch: dict) -> dict:
+def _base_components(resolved: hub.Resolved, dtype: torch.dtype, lookup: dict) -> dict:
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     base = resolved.base
     if base.is_file:
-        checkpoint = hub.local_file(base, role="base model (single file)", **fetch)
-        configs = hub.local_folder(hub.Location(hub.DEFAULT_BASE_MODEL),
-                                   hub.base_model_files(None, with_vae=True, weights=False), role="base configs",
-                                   **fetch)
+        checkpoint = fetching.local_file(base, role="base model (single file)", **lookup)
+        configs = fetching.local_folder(hub.Location(hub.DEFAULT_BASE_MODEL),
+                                     hub.base_model_files(None, with_vae=True, weights=False), role="base configs",
+                                     **lookup)
         single = StableDiffusionXLPipeline.from_single_file(
             str(checkpoint), config=str(configs), torch_dtype=dtype, local_files_only=True)
         return {name: getattr(single, name) for name in
@@ -175,8 +175,8 @@ def _base_components(resolved: hub.Resolved, dtype: torch.dtype, fetch: dict) ->
 
     variant = resolved.settings.variant
     if base.local is None:
-        folder = hub.local_folder(base, hub.base_model_files(variant, with_vae=resolved.vae is None),
-                                  role="base model", **fetch)
+        folder = fetching.local_folder(base, hub.base_model_files(variant, with_vae=resolved.vae is None),
+                                    role="base model", **lookup)
     else:
         folder = base.local
     variant = hub.local_variant(folder, variant)  # a local folder may hold only the full-precision files
@@ -195,24 +195,24 @@ def _base_components(resolved: hub.Resolved, dtype: torch.dtype, fetch: dict) ->
     return parts
 
 
-def _load_vae(location: hub.Location, dtype: torch.dtype, fetch: dict):
+def _load_vae(location: hub.Location, dtype: torch.dtype, lookup: dict):
     from diffusers import AutoencoderKL
 
     if location.is_file:
-        return AutoencoderKL.from_single_file(str(hub.local_file(location, role="VAE", **fetch)), torch_dtype=dtype)
-    folder = hub.local_folder(location, ["config.json", "diffusion_pytorch_model.safetensors"], role="VAE", **fetch)
+        return AutoencoderKL.from_single_file(str(fetching.local_file(location, role="VAE", **lookup)), torch_dtype=dtype)
+    folder = fetching.local_folder(location, ["config.json", "diffusion_pytorch_model.safetensors"], role="VAE", **lookup)
     return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
 
 
-def _image_encoder(resolved: hub.Resolved, dtype: torch.dtype, fetch: dict):
+def _image_encoder(resolved: hub.Resolved, dtype: torch.dtype, lookup: dict):
     """The CLIP ViT-H/14 image tower and the preprocessing IP-Adapter uses (CLIPImageProcessor defaults: 224 px,
     OpenAI mean/std), or (None, None) when the adapter reads no CLIP features."""
     if resolved.image_encoder is None:
         return None, None
     from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
-    folder = hub.local_folder(resolved.image_encoder, ["config.json", "model.safetensors"], role="CLIP image encoder",
-                              **fetch)
+    folder = fetching.local_folder(resolved.image_encoder, ["config.json", "model.safetensors"], role="CLIP image encoder",
+                                **lookup)
     encoder = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=dtype)
     size = encoder.config.image_size
     return encoder, CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size=size)

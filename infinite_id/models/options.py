@@ -12,16 +12,8 @@ from collections.abc import Sequence
 from ..adapters.encoders import ADAPTERS, DEFAULT_ADAPTER
 from ..config import COMPILE_MODES, SETTINGS, ModelSettings
 from ..method.backends import CHOICES as BACKEND_CHOICES
-from .hub import (
-    DOWNLOAD_COMMAND,
-    FP16_FIX_VAE,
-    MissingWeightsError,
-    fetch_all,
-    find_local,
-    hub_cache_dir,
-    plan_files,
-    resolve,
-)
+from .fetching import fetch_all, find_local, hub_cache_dir
+from .hub import DOWNLOAD_COMMAND, FP16_FIX_VAE, MissingWeightsError, plan_files, resolve
 from .tiers import CHOICES
 
 
