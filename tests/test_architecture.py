@@ -142,3 +142,17 @@ def test_every_public_name_resolves(package):
     module = importlib.import_module(package)
     missing = [name for name in module.__all__ if not hasattr(module, name)]
     assert not missing, f"{package}.__all__ lists names it cannot give: {missing}"
+
+
+@pytest.mark.parametrize("package", [PACKAGE, *(p for p in sorted(PACKAGE.iterdir()) if (p / "__init__.py").exists())],
+                         ids=lambda p: p.name)
+def test_no_public_name_is_also_a_module_name(package):
+    """A module named like one of its package's lazy exports hides the export: importing the module sets that
+    package attribute, so ``from infinite_id.models import fetch`` would give a function before and a module after
+    (a split of models/hub.py once named its new module ``fetch.py`` and tripped on this)."""
+    import importlib
+
+    name = ".".join(package.relative_to(PACKAGE.parent).parts)
+    exports = set(importlib.import_module(name).__all__)
+    modules = {p.stem for p in package.glob("*.py")} | {p.name for p in package.iterdir() if (p / "__init__.py").exists()}
+    assert not exports & modules, f"{name}: {sorted(exports & modules)} name both"
