@@ -107,7 +107,7 @@ if [ "$TESTS" = 1 ]; then
 fi
 
 speed main 100 170 "${STEPS[@]}" --repeats 2 --warmup-steps 2 --id-encoder \
-  --modes plain,infinite-id,infinite-id-window,adapter,text,infinite-id+no-text-cache
+  --modes plain,infinite-id,infinite-id-app,infinite-id-window,adapter,text,infinite-id+no-text-cache
 # Compiled ours against stock, uncompiled plain SDXL; the warm-up (2 steps of the window mode) compiles both
 # layouts (4 rows mixing, 2 identity rows after the window), reported apart from the timed round.
 speed compile 150 240 "${STEPS[@]}" --repeats 1 --warmup-steps 2 --compile default --compile-skip-plain \
@@ -117,7 +117,8 @@ if [ "$CUDA" = 1 ]; then
   speed tier-8 50 110 --steps 2 --repeats 1 --warmup-steps 1 --vram-tier 8 --modes infinite-id
   speed tier-6 50 130 --steps 2 --repeats 1 --warmup-steps 1 --vram-tier 6 --modes infinite-id
 fi
-speed fast-hyper-sd 40 90 --fast hyper-sd --repeats 2 --warmup-steps 1 --modes plain,infinite-id,infinite-id-window
+speed fast-hyper-sd 40 90 --fast hyper-sd --repeats 2 --warmup-steps 1 \
+  --modes plain,infinite-id,infinite-id-app,infinite-id-window
 if [ "$CUDA" = 1 ] && "$PY" -c "import xformers" 2>/dev/null; then
   speed xformers 60 120 "${STEPS[@]}" --repeats 1 --warmup-steps 1 --attention xformers \
     --modes plain,infinite-id,infinite-id-window

@@ -11,6 +11,8 @@ Modes (``--modes``, comma separated):
   plain               diffusers' own StableDiffusionXLPipeline, its default AttnProcessor2_0, CFG (batch 2)
   infinite-id         faithful: batch [text_u, id_u, text_c, id_c], mixed attention on every step
   infinite-id-window  mix_window (0, 0.5) + return_text_images=False: the text stream leaves after the window
+  infinite-id-app     faithful, text stream not returned (return_text_images=False): the app's Generate default,
+                      which shows the picture without the person only when asked; one decode instead of two
   infinite-id-cfg0.8  faithful with CFG truncation at 80% of the steps (changes the image slightly)
   adapter             one stream, text + identity cross-attention (the IP-Adapter baseline)
   text                our pipeline with method="text" (plain SDXL through our processors)
@@ -155,6 +157,8 @@ BASE_MODES = {
         {"method": "infinite-id", "mix_window": (0.0, 0.5), "return_text_images": False},
         "window (0, 0.5), text stream dropped after it",
     ),
+    "infinite-id-app": Mode("infinite-id-app", "ours", {"method": "infinite-id", "return_text_images": False},
+                            "faithful, mixing every step, text stream not decoded (the app's default)"),
     "infinite-id-cfg0.8": Mode("infinite-id-cfg0.8", "ours", {"method": "infinite-id", "cfg_cutoff": 0.8},
                                "faithful + CFG truncation at 0.8"),
     "adapter": Mode("adapter", "ours", {"method": "adapter"}, "one stream, text + identity cross-attention"),
@@ -848,7 +852,7 @@ def bars(summary: dict, skip_vae: bool, device: str = "cpu", fast: str = "off") 
     decode = ", VAE decode skipped" if skip_vae else ""
     lines = []
     for base, (key, goal) in goals.items():
-        for name in (base, f"{base}+no-text-cache"):
+        for name in (base, f"{base}+no-text-cache", f"{base}-app"):  # -app: as the app calls it
             if name not in summary or key not in summary[name]:
                 continue
             what = "per-step" if key == "step_vs_plain" else f"end-to-end{decode}"

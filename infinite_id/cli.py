@@ -121,6 +121,8 @@ def _generate(argv) -> int:
         if not metadata:
             raise ValueError(f"{args.reproduce} carries no Infinite-ID metadata, so it cannot be reproduced.")
         request = gen.GenerationRequest.from_metadata(metadata)
+        if args.text_stream:  # asked for now: the call keeps the text stream (same image within rounding)
+            request = request.replace(text_stream=True)
         face = (metadata.get("identity") or {}).get("face_index", args.face)
     else:
         width, height = _size(args, pipe)
@@ -129,7 +131,8 @@ def _generate(argv) -> int:
             id_scale=args.id_scale, semantic_scale=args.semantic_scale, style_strength=args.style_strength,
             mix_window=tuple(args.mix_window), num_inference_steps=args.steps or engine.steps,
             guidance_scale=engine.guidance if args.guidance is None else args.guidance, width=width, height=height,
-            seed=args.seed, num_images=args.num_images, fast=engine.fast, **_likeness(args),
+            seed=args.seed, num_images=args.num_images, fast=engine.fast, text_stream=args.text_stream,
+            **_likeness(args),
         )
         face = args.face
     identity = None

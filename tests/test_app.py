@@ -167,10 +167,15 @@ def test_generate_images_with_metadata_similarity_and_text_stream(served, client
         assert image.format == "PNG" and not image.getexif()
 
     # The second image alone, from its own seed, is the same picture (uint8 rounding aside).
+    # Without "show the picture without the person" (the default) the call skips the text stream's work (its
+    # decode; after the window its rows): the same picture within rounding, and the PNG says which call it was.
     hits = demo.handlers.identities.hits
-    again, *_ = generate(client, photos["face"], seed=8, negative_prompt="blurry", id_scale=1.2,
-                         semantic_scale=2.0, style_strength=0.7, mix_start=0.1, mix_end=0.9)
+    again, no_text, _, again_files, _ = generate(client, photos["face"], seed=8, negative_prompt="blurry",
+                                                 id_scale=1.2, semantic_scale=2.0, style_strength=0.7,
+                                                 mix_start=0.1, mix_end=0.9)
     assert np.abs(pixels(again[0]["image"]) - pixels(gallery[1]["image"])).max() <= 2
+    assert no_text == [] and meta["request"]["text_stream"] is True
+    assert gen.read_metadata(again_files[0])["request"]["text_stream"] is False
     assert demo.handlers.identities.hits > hits  # the photo was encoded once and reused
 
 

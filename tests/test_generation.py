@@ -137,6 +137,48 @@ def test_png_metadata_round_trip_without_input_exif(engine, face_photo, tmp_path
     assert gen.read_metadata(ASSETS / "synthetic_face.png") == {}
 
 
+def _count_decodes(pipe, monkeypatch) -> list:
+    """Each VAE decode the pipeline makes, by the number of latents it decodes."""
+    calls, real = [], pipe.vae.decode
+    monkeypatch.setattr(pipe.vae, "decode", lambda z, *a, **kw: calls.append(z.shape[0]) or real(z, *a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("window", [(0.0, 1.0), (0.0, 0.5)])
+def test_a_request_without_the_text_stream_skips_its_work_and_keeps_the_images(engine, face_photo, tmp_path,
+                                                                               monkeypatch, window):
+    """The app's Generate call asks for the text stream only when it is shown: one decode instead of two, and with
+    a window that ends early the text stream leaves the batch. Same images: bit for bit with the whole window
+    (the same batch all along), within rounding otherwise; recorded, so a reproduction runs the same call."""
+    identity = gen.IdentityCache().encode(engine.pipe, face_photo)
+    request = gen.GenerationRequest("a person", num_inference_steps=4, width=64, height=64, seed=3,
+                                    mix_window=window)
+    decodes = _count_decodes(engine.pipe, monkeypatch)
+    both = gen.generate(engine.pipe, request, identity)
+    assert len(decodes) == 2 and len(both.text_images) == 1
+    decodes.clear()
+    alone = gen.generate(engine.pipe, request.replace(text_stream=False), identity)
+    assert len(decodes) == 1 and alone.text_images == []
+    got, want = (np.asarray(r.images[0].image, dtype=np.int16) for r in (alone, both))
+    assert np.abs(got - want).max() <= (0 if window == (0.0, 1.0) else 1)
+    meta = gen.read_metadata(gen.save_images(alone.images, tmp_path)[0])
+    assert meta["request"]["text_stream"] is False
+    assert gen.GenerationRequest.from_metadata(meta).text_stream is False
+    assert gen.GenerationRequest.from_metadata({"request": {"prompt": "x"}}).text_stream is True  # older PNGs
+    assert gen.GenerationRequest("x", text_stream="false").text_stream is False  # as an API client may send it
+
+
+def test_only_the_methods_comparison_decodes_a_text_stream(engine, face_photo, monkeypatch):
+    identity = gen.IdentityCache().encode(engine.pipe, face_photo)
+    request = gen.GenerationRequest("a person", num_inference_steps=2, width=64, height=64, seed=3)
+    decodes = _count_decodes(engine.pipe, monkeypatch)
+    grid = gen.compare(engine.pipe, request, identity, "strengths", id_scales=(0.5, 1.0), semantic_scales=(1.0,))
+    assert len(grid.cells) == 2 and len(decodes) == 2  # one per cell, none for an unseen text stream
+    decodes.clear()
+    methods = gen.compare(engine.pipe, request.replace(text_stream=False), identity, "methods")
+    assert len(methods.cells) == 3 and len(decodes) == 3  # adapter, Infinite-ID, and its text stream (the text cell)
+
+
 def test_cancelled_generation_raises_and_the_next_call_is_unaffected(engine, face_photo):
     identity = gen.IdentityCache().encode(engine.pipe, face_photo)
     request = gen.GenerationRequest("a person", num_inference_steps=1, width=64, height=64, seed=9)

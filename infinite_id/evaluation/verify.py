@@ -161,7 +161,8 @@ def verify_weights(engine, scorer: ClipScorer, photos: list[Path], out_dir: str 
                             features[order] = pipe.encode_identity(face, clip_channel_order=order)
                         knobs = {k: v for k, v in setting.knobs.items() if k != "clip_channel_order"}
                         generator = torch.Generator("cpu").manual_seed(int(seed))
-                        image = pipe(prompt, id_embeds=features[order], generator=generator, **call, **knobs).images[0]
+                        image = pipe(prompt, id_embeds=features[order], generator=generator, return_text_images=False,
+                                     **call, **knobs).images[0]
                         seconds = time.perf_counter() - started  # generating only, as the reference's
                     found = largest_face(analyzer, image)
                     record = Record(

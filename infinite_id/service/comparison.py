@@ -80,7 +80,8 @@ def compare(
     """
     if mode not in COMPARE_MODES:
         raise ValueError(f"The comparison must be one of {', '.join(COMPARE_MODES)}; got {mode!r}.")
-    request = request.replace(num_images=1).with_seed()
+    # One image per cell; only the "methods" grid shows a text stream (its first cell), so no other cell decodes one.
+    request = request.replace(num_images=1, text_stream=mode == "methods").with_seed()
     if identity is None:
         raise ValueError("Upload a photo of the person to compare.")
     plan: list[tuple[int, int, GenerationRequest]] = []  # (row, col, request)

@@ -118,7 +118,11 @@ class GenerationRequest:
     ``lora_scale``: the adapter's LoRA on the identity stream (0 to 2; 1 as trained; ignored without one).
     ``adain_cross``: AdaIN-mean in the cross-attention too ("infinite-id" only). ``clip_channel_order``: "rgb" or
     "bgr" for the CLIP crop, None for the adapter's published order (it takes effect when the photo is encoded:
-    ``IdentityCache.encode``).
+    ``IdentityCache.encode``). ``text_stream``: also return the text stream's images ("infinite-id": the same seed
+    without the person). Without them the call skips their decode, and with a mixing window that ends before the
+    last step the text stream leaves the batch there (the pipeline's ``return_text_images``): the same images
+    (bit for bit with the full window, within rounding otherwise), for less work. Recorded in the PNG, so a
+    reproduction runs the same batch.
     """
 
     prompt: str
@@ -139,6 +143,7 @@ class GenerationRequest:
     lora_scale: float = 1.0
     adain_cross: bool = True
     clip_channel_order: str | None = None
+    text_stream: bool = True
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen dataclass)
@@ -176,6 +181,7 @@ class GenerationRequest:
         set_("lora_scale", clamped(self.lora_scale, 1.0, *LORA_SCALE_RANGE))
         set_("adain_cross", _flag(self.adain_cross, True))
         set_("clip_channel_order", channel_order(self.clip_channel_order))
+        set_("text_stream", _flag(self.text_stream, True))
 
     def replace(self, **changes) -> GenerationRequest:
         return dataclasses.replace(self, **changes)

@@ -268,6 +268,7 @@ def _call_pipeline(pipe, request: GenerationRequest, id_embeds, step_end):
             callback_on_step_end=step_end,
             lora_scale=request.lora_scale,
             adain_cross=request.adain_cross,
+            return_text_images=request.text_stream,
         )
     # Both are answered outside their except blocks, so the traceback (and the tensors it holds) is gone first.
     except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class

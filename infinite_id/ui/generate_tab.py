@@ -89,6 +89,7 @@ class GenerateHandlers:
                 style=style, method=method, id_scale=id_scale, semantic_scale=semantic_scale,
                 style_strength=style_strength, mix_window=(mix_start, mix_end), num_inference_steps=steps,
                 guidance_scale=guidance, num_images=num_images, fast=fast, lora_scale=lora_scale,
+                text_stream=bool(show_text_stream),
             )
             with s.running(request) as cancel:
                 result = gen.generate(pipe, job, identity, on_step=report.step, cancel=cancel, deadline=s.deadline())

@@ -36,7 +36,7 @@ class MixHandlers:
             first = s.identity(pipe, photo_a, name="Person A")
             second = s.identity(pipe, photo_b, name="Person B")
             job = s.request(pipe, aspect_ratio, seed, randomize_seed, prompt=prompt, style=style,
-                            num_inference_steps=steps, guidance_scale=guidance)
+                            num_inference_steps=steps, guidance_scale=guidance, text_stream=False)
             with s.running(request) as cancel:
                 result = gen.mix(pipe, job, first, second, weight, on_step=report.step, cancel=cancel,
                                  deadline=s.deadline())
