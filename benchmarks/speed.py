@@ -638,7 +638,8 @@ def count_flops(resolution: int, steps: int = 30, skip_vae: bool = False) -> dic
 
 def per_image_flops(step: dict, prompts: float, decode: float, steps: int) -> dict:
     """TFLOP per image of a ``steps``-step call (prompt encoding, steps, decodes) from ``count_flops``' per-step
-    counts: plain, faithful (both images decoded) and the window mode (0, 0.5) with the text-stream skip, whose
+    counts: plain, faithful (both images decoded, or only the identity stream's as the app asks by default) and the
+    window mode (0, 0.5) with the text-stream skip, whose
     identity-only layout projects its text K/V at its first step and finds the identity K/V cached."""
     faithful, alone = "faithful (batch 4, mixing)", "identity stream only (batch 2: adapter, after the window)"
     first, cached, later = ("first step of a call (projects identity and text K/V)",
@@ -649,6 +650,8 @@ def per_image_flops(step: dict, prompts: float, decode: float, steps: int) -> di
         "plain": prompts + steps * plain + decode,
         "plain, if it cached its text K/V (derived)": prompts + plain + (steps - 1) * plain_cached + decode,
         "faithful": prompts + step[f"{faithful}: {first}"] + (steps - 1) * step[f"{faithful}: {later}"] + 2 * decode,
+        "faithful, the app's call (text stream not decoded)": (
+            prompts + step[f"{faithful}: {first}"] + (steps - 1) * step[f"{faithful}: {later}"] + decode),
         "faithful, text K/V every step": (prompts + step[f"{faithful}: {first}"]
                                           + (steps - 1) * step[f"{faithful}: {cached}"] + 2 * decode),
         "window (0, 0.5) + text-stream skip": (
