@@ -274,6 +274,19 @@ def test_the_status_line_says_place_wait_and_progress_in_words():
     assert render(Status("idle")) == ""
 
 
+def test_a_generate_job_counts_the_work_its_call_will_do():
+    """The queue's time estimate weighs a job by its image-steps: the text stream counts to the end only when it is
+    shown, else until the mixing window ends (where the call drops it); junk from an API client counts as defaults."""
+    from infinite_id.ui.generate_tab import units
+
+    assert units(30, 1, "infinite-id", False, 0.0, 1.0, False) == 60  # the text stream is read at every step
+    assert units(30, 1, "infinite-id", False, 0.0, 0.5, False) == 45
+    assert units(30, 1, "infinite-id", False, 0.0, 0.5, True) == 60
+    assert units(30, 2, "adapter", False, 0.0, 0.5, True) == 60
+    assert units(30, 1, "infinite-id", True, 0.6, 0.2, False) == gen.FAST_STEPS * 1.6
+    assert units(30, 1, "infinite-id", False, "x", None, False) == 60
+
+
 def test_a_refused_join_ends_the_waiting_line_with_a_sentence():
     """A run button pressed when the queue is full (or the session already has its job): the status line stops
     saying "Sending..." and says why."""

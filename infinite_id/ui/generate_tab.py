@@ -34,9 +34,14 @@ METHODS = [("Infinite-ID (recommended)", "infinite-id"), ("Adapter baseline, for
 DEFAULT_PROMPT = "a person wearing a yellow sweater in Times Square"
 
 
-def units(steps=30, num_images=1, method="infinite-id", fast=False, **_) -> float:
-    """The job's work in image-steps (the identity and text streams are two images per step)."""
-    return (gen.FAST_STEPS if fast else float(steps)) * float(num_images) * (2 if method == "infinite-id" else 1)
+def units(steps=30, num_images=1, method="infinite-id", fast=False, mix_start=0.0, mix_end=1.0,
+          show_text_stream=False, **_) -> float:
+    """The job's work in image-steps: the identity stream at every step and, in Infinite-ID, the text stream to the
+    end when it is shown, else until the mixing window ends (the call drops it there: ``text_stream``)."""
+    text = 0.0
+    if method == "infinite-id":
+        text = 1.0 if show_text_stream else max(gen.clamped(mix_start, 0.0, 0.0, 1.0), gen.clamped(mix_end, 1.0, 0.0, 1.0))
+    return (gen.FAST_STEPS if fast else float(steps)) * float(num_images) * (1.0 + text)
 
 
 class GenerateHandlers:
@@ -79,7 +84,7 @@ class GenerateHandlers:
         unless asked for), info, PNG files, seed used). ``lora_scale`` (last, so older API calls still fit): the
         adapter's own LoRA on the identity stream, 0 to 2, 1 as trained; no effect when the adapter has none."""
         s = self.services
-        work = units(steps, num_images, method, fast)
+        work = units(steps, num_images, method, fast, mix_start, mix_end, show_text_stream)
         with s.job(request, TAB, work, progress, "Generating", "Reading the photo...") as report:
             pipe = s.get_pipeline()
             progress(0, desc="Reading the photo")
