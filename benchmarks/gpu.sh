@@ -14,7 +14,7 @@
 # $OUT/steps/NAME.log. Output in $OUT (the device tool brings back at most 8 files): RESULTS-gpu.md (append it to
 # benchmarks/RESULTS.md), gpu-bench.tar.gz (every JSON and step log), log.txt, tests.txt, nvidia-smi.txt.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 START=$SECONDS
 BUDGET_S=${BUDGET_S:-450}
 DEADLINE=$((START + BUDGET_S))
