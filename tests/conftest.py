@@ -44,3 +44,20 @@ def generate(pipe, seed=0, prompt="a photo of a woman in times square", **kwargs
     if "generator" not in kwargs:
         kwargs["generator"] = torch.Generator().manual_seed(seed)
     return pipe(prompt, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def lora_engine():
+    """The tiny engine with a tiny IP-Adapter-FaceID-PlusV2 file, LoRA included (``--adapter faceid-plusv2``)."""
+    from infinite_id.models.engines import load_engine
+
+    return load_engine("tiny", adapter="faceid-plusv2")
+
+
+@pytest.fixture(scope="module")
+def served_lora(lora_engine):
+    """The app on ``lora_engine``, served for this test module: (demo, url)."""
+    from app_server import serve
+
+    with serve(lora_engine) as running:
+        yield running

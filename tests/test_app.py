@@ -26,7 +26,7 @@ from app_server import ASSETS, STEPS, generate, pixels, serve  # noqa: E402
 import app  # noqa: E402
 from infinite_id import service as gen  # noqa: E402
 from infinite_id.faces.tiny_pack import synthetic_face_photo  # noqa: E402
-from infinite_id.models.engines import TINY_BANNER, load_engine  # noqa: E402
+from infinite_id.models.engines import TINY_BANNER  # noqa: E402
 from infinite_id.ui import load_examples  # noqa: E402
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -43,18 +43,6 @@ def served():
 @pytest.fixture(scope="module")
 def client(served):
     return Client(served[1], verbose=False)
-
-
-@pytest.fixture(scope="module")
-def lora_engine():
-    """The tiny engine with a tiny IP-Adapter-FaceID-PlusV2 file, LoRA included (``--adapter faceid-plusv2``)."""
-    return load_engine("tiny", adapter="faceid-plusv2")
-
-
-@pytest.fixture(scope="module")
-def served_lora(lora_engine):
-    with serve(lora_engine) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from app_server import ASSETS, serve  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from infinite_id.faces.tiny_pack import synthetic_face_photo  # noqa: E402
-from infinite_id.models.engines import TINY_BANNER, load_engine  # noqa: E402
+from infinite_id.models.engines import TINY_BANNER  # noqa: E402
 from infinite_id.models.licences import licence_rows  # noqa: E402
 from infinite_id.ui import load_examples, widgets  # noqa: E402
 
@@ -100,17 +100,6 @@ SHOWN_PROGRESS_BARS = """() => [...document.querySelectorAll('[role=progressbar]
   }
   return bar.getClientRects().length > 0;
 }).map(bar => bar.closest('[id]:not([id^=html-])').id)"""
-
-
-@pytest.fixture(scope="module")
-def engine():
-    return load_engine("tiny", adapter="faceid-plusv2")
-
-
-@pytest.fixture(scope="module")
-def served(engine):
-    with serve(engine) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")
@@ -295,8 +284,8 @@ def drive_mix(page, shots: Path, width: int, no_face: Path) -> None:
 
 
 @pytest.mark.parametrize("size", list(SIZES))
-def test_every_tab_fits_and_works(served, browser, shots, no_face, two_people, size):
-    page = open_page(browser, served[1], SIZES[size])
+def test_every_tab_fits_and_works(served_lora, browser, shots, no_face, two_people, size):
+    page = open_page(browser, served_lora[1], SIZES[size])
     width = SIZES[size][0]
     drive_generate(page, shots, width, two_people)
     drive_compare(page, shots, width)
@@ -305,10 +294,10 @@ def test_every_tab_fits_and_works(served, browser, shots, no_face, two_people, s
     page.context.close()
 
 
-def test_the_real_engines_licence_table_fits_a_phone(engine, browser):
+def test_the_real_engines_licence_table_fits_a_phone(lora_engine, browser):
     """The real engine's rows (long model ids and licences, the default setup's) open and fit at 390 px."""
     rows = licence_rows(engine="real")
-    with serve(engine, licences=rows) as (_, url):
+    with serve(lora_engine, licences=rows) as (_, url):
         page = open_page(browser, url, SIZES["phone"])
         open_licences(page, rows)
         sync_api.expect(page.locator("#licences")).to_contain_text("non-commercial research only")
@@ -317,7 +306,7 @@ def test_the_real_engines_licence_table_fits_a_phone(engine, browser):
 
 
 def test_a_queued_person_sees_their_place_and_wait_the_runner_one_bar_and_where_stop_stopped(
-        served, browser, monkeypatch):
+        served_lora, browser, monkeypatch):
     """Two people, one GPU slot, slow steps: the second is told their place and a time estimate from the job
     ahead and the measured pace, and may leave the queue and join it again; the first sees one progress bar
     (ours; Gradio's own are off) and, after Stop, the step it stopped after."""
@@ -334,7 +323,7 @@ def test_a_queued_person_sees_their_place_and_wait_the_runner_one_bar_and_where_
         return slow
 
     monkeypatch.setattr(widgets, "progress_reporter", slow_reporter)
-    first, second = (open_page(browser, served[1], SIZES["desktop"]) for _ in range(2))
+    first, second = (open_page(browser, served_lora[1], SIZES["desktop"]) for _ in range(2))
     for page in (first, second):
         page.locator("#photo input[type=file]").set_input_files(str(ASSETS / "synthetic_face.png"))
         expect(page.locator("#face-note")).to_contain_text("One face found")

@@ -20,7 +20,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from .backends import SDPA
-from .id_lora import IdentityLoRA, add_on_rows
+from .id_lora import IdentityLoRA, add_on_rows, row_count
 from .ops import adain_mean
 
 Rows = slice | torch.Tensor  # batch rows: a slice (a view, from the pipeline) or an index tensor (a copy)
@@ -83,10 +83,6 @@ def _rows(x: torch.Tensor | None, rows: Rows) -> torch.Tensor | None:
     return x if x is None or x.shape[0] == 1 else x[rows]
 
 
-def _count(rows: Rows, batch: int) -> int:
-    return len(range(*rows.indices(batch))) if isinstance(rows, slice) else rows.numel()
-
-
 def _add_rows(out: torch.Tensor, rows: Rows, value: torch.Tensor, alpha: float) -> None:
     """``out[rows] += alpha * value`` in place (on a view for a slice)."""
     if isinstance(rows, slice):
@@ -101,7 +97,7 @@ def _other_rows(call: IDCall, batch: int) -> Rows:
     if call.other_rows is not None:
         return call.other_rows
     guess = call.text_rows if call.text_rows is not None else slice(0, 0)
-    if _count(call.id_rows, batch) + _count(guess, batch) == batch:
+    if row_count(call.id_rows, batch) + row_count(guess, batch) == batch:
         return guess
     ids = call.id_rows
     taken = set(range(batch)[ids]) if isinstance(ids, slice) else set(ids.tolist())
@@ -213,7 +209,7 @@ class MixedSelfAttnProcessor(_Processor):
         ids, texts, others = id_call.id_rows, id_call.text_rows, _other_rows(id_call, batch)
         # Each part's output is written once, transposed, into [b, n, heads, d]: the copy _merge makes anyway.
         out = q.new_empty(batch, n, attn.heads, q.shape[-1] // attn.heads)
-        if _count(others, batch):
+        if row_count(others, batch):
             # Every row outside the identity stream is plain attention, as diffusers computes it.
             out[others] = self._attend(attn, q[others], k[others], v[others], _rows(mask, others)).transpose(1, 2)
         id_mask = _rows(mask, ids)

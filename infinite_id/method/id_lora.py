@@ -54,6 +54,11 @@ class IdentityLoRA(nn.Module):
         return getattr(self, part)(x)
 
 
+def row_count(rows: slice | torch.Tensor, batch: int) -> int:
+    """How many of a ``batch``'s rows ``rows`` (a slice or an index tensor of distinct rows) names."""
+    return len(range(batch)[rows]) if isinstance(rows, slice) else rows.numel()
+
+
 def add_on_rows(base: torch.Tensor, lora: IdentityLoRA | None, part: str, x: torch.Tensor,
                 rows: slice | torch.Tensor | None, scale: float) -> torch.Tensor:
     """``base`` with ``scale * lora(x)`` added on the batch ``rows`` (the identity stream) and nowhere else.
@@ -65,7 +70,7 @@ def add_on_rows(base: torch.Tensor, lora: IdentityLoRA | None, part: str, x: tor
     if lora is None or rows is None or scale == 0:
         return base
     batch = x.shape[0]
-    count = len(range(batch)[rows]) if isinstance(rows, slice) else rows.numel()
+    count = row_count(rows, batch)
     if count == 0:
         return base
     if count == batch:  # rows are distinct: all of them means the whole batch

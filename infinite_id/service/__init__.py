@@ -69,6 +69,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "deadline_in": ".runner",
     "generate": ".runner",
     "is_blank": ".runner",
+    "carries_lora": ".runner",
     "model_ids": ".runner",
     "run": ".runner",
     "DEFAULT_STYLE": ".styles",

@@ -98,8 +98,7 @@ class GenerationResult:
     @property
     def has_lora(self) -> bool:
         """Whether the adapter that made these images carries a LoRA (``lora_scale`` had an effect)."""
-        models = (self.images[0].metadata.get("models") or {}) if self.images else {}
-        return str(models.get("lora", "none")) != "none"
+        return carries_lora((self.images[0].metadata.get("models") or {}) if self.images else {})
 
     def info(self) -> str:
         """Markdown for the app: what ran, with which settings, how long it took."""
@@ -131,6 +130,12 @@ class GenerationResult:
 
 def _md_code(text: str) -> str:
     return text.replace("`", "'")
+
+
+def carries_lora(weights: dict) -> bool:
+    """Whether the adapter the loader recorded in ``weights`` (``pipe.weights_info``, or an image's "models"
+    metadata) carries a LoRA: its "lora" entry is "none" or the LoRA's rank."""
+    return str(weights.get("lora", "none")) != "none"
 
 
 def model_ids(pipe) -> dict[str, Any]:

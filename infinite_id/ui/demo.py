@@ -109,7 +109,7 @@ def engine_options(engine: Engine) -> dict:
     weights = getattr(engine.pipe, "weights_info", None) or {}
     return {"engine": engine.name, "banner": engine.banner, "steps": engine.steps, "guidance": engine.guidance,
             "fast": engine.fast, "licences": engine.licences, "identity_note": engine.identity_note,
-            "lora": str(weights.get("lora", "none")) != "none"}
+            "lora": gen.carries_lora(weights)}
 
 
 def load_examples(engine: str) -> dict[str, list[list[str]]]:
